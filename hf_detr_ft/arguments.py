@@ -1,0 +1,105 @@
+"""The arguments of a fine-tuning run, as dataclasses for ``HfArgumentParser``.
+
+``ModelArguments`` and ``DataArguments`` hold what is specific to this library;
+``DetrTrainingArguments`` is ``transformers.TrainingArguments`` with DETR's recipe as defaults
+(AdamW, learning rate 1e-4 and 1e-5 for the backbone, weight decay 1e-4, gradient clipping 0.1)
+and best-model selection by COCO mAP. Every ``TrainingArguments`` option stays available, with
+the same flag on ``hf-detr-ft train`` and ``examples/train.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .modeling import DEFAULT_MODEL
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "Checkpoint to start from: a Hub id or a local save_pretrained folder."},
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag, commit)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the checkpoint's repo."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_dir: str = field(
+        metadata={"help": "Folder with COCO annotations (see docs/datasets.md)."}
+    )
+    num_classes: int | None = field(
+        default=None,
+        metadata={"help": "Number of object classes; checked against the annotations."},
+    )
+    dataset_layout: str = field(
+        default="auto", metadata={"help": "COCO folder layout: auto, roboflow or coco."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of training images split off when there is no validation split."},
+    )
+    image_size: int = field(default=800, metadata={"help": "Shortest image edge after resizing."})
+    max_image_size: int = field(
+        default=1333, metadata={"help": "Longest image edge after resizing."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training images (for quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N images of each evaluation split."}
+    )
+
+
+@dataclass
+class DetrTrainingArguments(TrainingArguments):
+    output_dir: str | None = field(
+        default="detr-finetuned", metadata={"help": "Where checkpoints and the final model go."}
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Learning rate of the transformer and heads."}
+    )
+    lr_backbone: float = field(
+        default=1e-5, metadata={"help": "Learning rate of the CNN backbone."}
+    )
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping (max norm)."})
+    num_train_epochs: float = field(default=30.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Images per device per step."}
+    )
+    per_device_eval_batch_size: int = field(
+        default=4, metadata={"help": "Images per device per eval step."}
+    )
+    eval_strategy: str = field(
+        default="epoch", metadata={"help": "When to evaluate: no, steps, epoch."}
+    )
+    save_strategy: str = field(
+        default="epoch", metadata={"help": "When to save: no, steps, epoch, best."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept (best one always kept)."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Finish with the best checkpoint."}
+    )
+    metric_for_best_model: str | None = field(
+        default="eval_map", metadata={"help": "Metric that picks the best checkpoint."}
+    )
+    greater_is_better: bool | None = field(
+        default=True, metadata={"help": "Whether a larger metric is better."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the transform needs the raw columns."}
+    )
+    label_names: list[str] | None = field(
+        default_factory=lambda: ["labels"], metadata={"help": "Label keys."}
+    )

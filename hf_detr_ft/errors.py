@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Each error here describes a mistake the user can fix (a wrong folder, a class count that does
+not match the data, a model that cannot be reached). The CLI prints them as one clear message
+instead of a traceback; library callers can catch them by type.
+"""
+
+
+class HfDetrFtError(Exception):
+    """Base class for errors caused by user input rather than by a bug."""
+
+
+class DatasetError(HfDetrFtError):
+    """The dataset folder or its annotations cannot be used as they are."""
+
+
+class ModelLoadError(HfDetrFtError):
+    """The starting checkpoint cannot be loaded."""

@@ -1,0 +1,154 @@
+"""One fine-tuning run, from a dataset folder to a saved model: the flow every entry point shares.
+
+``finetune()`` (Python), ``hf-detr-ft train`` and ``examples/train.py`` all end in
+:func:`run_training`::
+
+    dataset folder -> DetectionDataset -> with_transform(DetrTransform) -> collate_fn
+        -> DetrTrainer (train, COCO evaluation) -> output_dir (model, processor, metrics JSON)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
+from .collate import collate_fn
+from .dataset import load_detection_dataset
+from .modeling import DEFAULT_MODEL, load_image_processor, load_model
+from .trainer import DetrTrainer
+from .transforms import DetrTransform
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. ``metrics`` come from the final evaluation on ``eval_split``."""
+
+    output_dir: Path
+    metrics: dict[str, float]
+    best_checkpoint: str | None
+    eval_split: str
+    class_names: list[str]
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataArguments, training_args: DetrTrainingArguments
+) -> FinetuneResult:
+    """Train, evaluate on the test split (validation if none), save everything to output_dir."""
+    set_seed(training_args.seed)
+    data = load_detection_dataset(
+        data_args.dataset_dir,
+        data_args.num_classes,
+        layout=data_args.dataset_layout,
+        validation_fraction=data_args.validation_fraction,
+        seed=training_args.seed,
+    )
+    image_processor = load_image_processor(
+        model_args.model_name_or_path,
+        image_size=data_args.image_size,
+        max_image_size=data_args.max_image_size,
+        revision=model_args.revision,
+    )
+    model = load_model(
+        model_args.model_name_or_path,
+        data.class_names,
+        revision=model_args.revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+    train_transform = DetrTransform.for_training(image_processor)
+    eval_transform = DetrTransform.for_evaluation(image_processor)
+    train_dataset = _first(data.splits["train"], data_args.max_train_samples)
+    validation = _first(data.splits["validation"], data_args.max_eval_samples)
+    trainer = DetrTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset.with_transform(train_transform),
+        eval_dataset=validation.with_transform(eval_transform),
+        processing_class=image_processor,
+        data_collator=collate_fn,
+    )
+
+    train_result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(training_args))
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    final_split = _first(data.splits[data.eval_split], data_args.max_eval_samples)
+    metrics = trainer.evaluate(final_split.with_transform(eval_transform), metric_key_prefix="eval")
+    trainer.log_metrics(f"eval ({data.eval_split} split)", metrics)
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        summary = {"eval_split": data.eval_split, "class_names": data.class_names, **metrics}
+        (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training")
+    return FinetuneResult(
+        output_dir=output_dir,
+        metrics=metrics,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        eval_split=data.eval_split,
+        class_names=data.class_names,
+        log_history=trainer.state.log_history,
+    )
+
+
+def finetune(
+    dataset_dir: str | Path,
+    num_classes: int | None = None,
+    *,
+    model: str | Path = DEFAULT_MODEL,
+    output_dir: str | Path = "detr-finetuned",
+    **kwargs: Any,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on the COCO folder ``dataset_dir``; see :func:`run_training`.
+
+    Keyword arguments are the fields of :class:`ModelArguments`, :class:`DataArguments` and
+    :class:`DetrTrainingArguments` (i.e. all of ``transformers.TrainingArguments``), for example
+    ``finetune("data", 3, num_train_epochs=50, image_size=512, per_device_train_batch_size=8)``.
+    """
+    groups: dict[type, dict[str, Any]] = {
+        ModelArguments: {},
+        DataArguments: {},
+        DetrTrainingArguments: {},
+    }
+    kwargs = {"model_name_or_path": str(model), "dataset_dir": str(dataset_dir), **kwargs}
+    kwargs.update(num_classes=num_classes, output_dir=str(output_dir))
+    for key, value in kwargs.items():
+        owner = next((cls for cls in groups if key in _field_names(cls)), None)
+        if owner is None:
+            raise TypeError(f"finetune() got an unexpected keyword argument {key!r}")
+        groups[owner][key] = value
+    return run_training(*(cls(**values) for cls, values in groups.items()))
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def _first(dataset: Dataset, limit: int | None) -> Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def _checkpoint_to_resume(args: DetrTrainingArguments) -> str | None:
+    """An explicit ``resume_from_checkpoint``, else the newest checkpoint in ``output_dir``."""
+    if args.resume_from_checkpoint:
+        return args.resume_from_checkpoint
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        logger.warning("Resuming from %s (use a new output_dir to start over).", last)
+    return last

@@ -1,0 +1,102 @@
+"""Load a DETR-family checkpoint with a new label map, and its image processor.
+
+Everything in the checkpoint is transferred except the tensors whose shape depends on the
+number of classes (for DETR only ``class_labels_classifier``), which are re-initialised
+(``ignore_mismatched_sizes``) and logged by name, so users can see what is learned from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/detr-resnet-50"
+
+
+def load_model(
+    model_name_or_path: str | Path,
+    class_names: list[str],
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load an object-detection checkpoint (local folder or Hub id) for ``class_names``."""
+    id2label = dict(enumerate(class_names))
+    label2id = {name: i for i, name in id2label.items()}
+    try:
+        model, info = AutoModelForObjectDetection.from_pretrained(
+            str(model_name_or_path),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+        )
+    except OSError as err:
+        raise ModelLoadError(_cannot_load_message(model_name_or_path, err)) from err
+
+    reinitialised = sorted(key for key, *_ in info["mismatched_keys"]) + sorted(
+        info["missing_keys"]
+    )
+    if reinitialised:
+        logger.info(
+            "Re-initialised for %d classes (not transferred from %s): %s",
+            len(class_names),
+            model_name_or_path,
+            ", ".join(reinitialised),
+        )
+    return model
+
+
+def load_image_processor(
+    model_name_or_path: str | Path,
+    *,
+    image_size: int = 800,
+    max_image_size: int = 1333,
+    revision: str | None = None,
+) -> BaseImageProcessor:
+    """The checkpoint's image processor, resizing to ``image_size`` / ``max_image_size``.
+
+    A checkpoint without a ``preprocessor_config.json`` (e.g. one saved with only
+    ``model.save_pretrained``) gets DETR's standard processor.
+    """
+    size = {"shortest_edge": image_size, "longest_edge": max_image_size}
+    if max_image_size < image_size:
+        raise ValueError(
+            f"max_image_size ({max_image_size}) is smaller than image_size ({image_size})."
+        )
+    try:
+        return AutoImageProcessor.from_pretrained(
+            str(model_name_or_path), size=size, revision=revision
+        )
+    except OSError:
+        from transformers import DetrImageProcessor
+
+        logger.info("No image processor saved with %s; using DETR's default.", model_name_or_path)
+        return DetrImageProcessor(size=size)
+
+
+def _cannot_load_message(model_name_or_path: str | Path, err: OSError) -> str:
+    path = Path(str(model_name_or_path)).expanduser()
+    if path.exists():
+        return (
+            f"Cannot load a model from the folder {path}: {err}\n"
+            "It should hold config.json and model.safetensors, as written by save_pretrained()."
+        )
+    return (
+        f"Cannot load the model {str(model_name_or_path)!r}: it is not a local folder and the "
+        f"Hugging Face Hub could not provide it ({str(err).splitlines()[0]}).\n"
+        "If you are offline, download the checkpoint once where you have network access "
+        "(e.g. `hf download facebook/detr-resnet-50 --local-dir detr-resnet-50`) and pass the "
+        "folder instead: finetune(..., model='detr-resnet-50') or "
+        "--model_name_or_path detr-resnet-50."
+    )
