@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from .modeling import DEFAULT_MODEL
 
@@ -103,3 +103,14 @@ class DetrTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(
         default_factory=lambda: ["labels"], metadata={"help": "Label keys."}
     )
+
+
+def parse_train_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, DetrTrainingArguments]:
+    """Parse command-line flags (or one JSON/YAML file of them) into the three dataclasses."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, DetrTrainingArguments))
+    if argv and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return parse_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)

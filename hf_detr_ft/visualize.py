@@ -1,0 +1,86 @@
+"""Pictures of detections: boxes drawn with torchvision, laid out with matplotlib."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.ops import box_convert  # noqa: E402
+from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
+from torchvision.utils import draw_bounding_boxes  # noqa: E402
+
+
+@dataclass
+class Boxes:
+    """Boxes of one image: absolute ``xyxy`` pixels, class indices, optional scores."""
+
+    xyxy: torch.Tensor
+    labels: list[int]
+    scores: list[float] | None = None
+
+    @classmethod
+    def from_coco(cls, bboxes: Sequence[Sequence[float]], labels: Sequence[int]) -> Boxes:
+        xywh = torch.tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
+        return cls(box_convert(xywh, "xywh", "xyxy"), list(labels))
+
+
+def class_colors(num_classes: int) -> list[str]:
+    """One distinct colour per class (matplotlib's tab10/tab20), as hex strings."""
+    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(num_classes)]
+
+
+def draw_boxes(image: Image.Image, boxes: Boxes, class_names: Sequence[str]) -> np.ndarray:
+    """The image with its boxes and "name score" labels drawn, as an HxWx3 array."""
+    colors = class_colors(len(class_names))
+    captions = [class_names[label] for label in boxes.labels]
+    if boxes.scores is not None:
+        captions = [f"{c} {s:.2f}" for c, s in zip(captions, boxes.scores)]
+    width = max(1, round(max(image.size) / 200))
+    drawn = draw_bounding_boxes(
+        pil_to_tensor(image.convert("RGB")),
+        boxes.xyxy,
+        labels=captions,
+        colors=[colors[label] for label in boxes.labels],
+        width=width,
+    )
+    return drawn.permute(1, 2, 0).numpy()
+
+
+def save_comparison_grid(
+    images: Sequence[Image.Image],
+    ground_truth: Sequence[Boxes],
+    predictions: Sequence[Boxes],
+    class_names: Sequence[str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """One row per image: ground truth on the left, predictions on the right."""
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 2, figsize=(8, 4 * rows), squeeze=False)
+    for row, (image, truth, predicted) in enumerate(zip(images, ground_truth, predictions)):
+        for ax, boxes, name in (
+            (axes[row, 0], truth, "ground truth"),
+            (axes[row, 1], predicted, "prediction"),
+        ):
+            ax.imshow(draw_boxes(image, boxes, class_names))
+            ax.set_title(f"{name} ({len(boxes.labels)} boxes)")
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

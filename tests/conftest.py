@@ -1,0 +1,123 @@
+"""Shared fixtures: everything offline, tiny models built from configs, data made on the spot."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig  # noqa: E402
+
+from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
+
+BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
+TINY_IMAGE_SIZE = 64
+
+
+def tiny_detr_config(num_labels: int = 5) -> DetrConfig:
+    """A ~0.3 M-parameter DETR with a small HF ResNet backbone (no download needed)."""
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage4"],
+    )
+    return DetrConfig(
+        backbone_config=backbone,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=10,
+        num_labels=num_labels,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DETR saved with save_pretrained, plus its image processor."""
+    path = tmp_path_factory.mktemp("tiny-detr")
+    DetrForObjectDetection(tiny_detr_config()).save_pretrained(path)
+    size = {"shortest_edge": TINY_IMAGE_SIZE, "longest_edge": TINY_IMAGE_SIZE}
+    DetrImageProcessor(size=size).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic Roboflow-layout COCO folder with train/valid/test."""
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes_dataset(root, splits={"train": 16, "valid": 6, "test": 5}, seed=1)
+
+
+def write_coco_json(
+    path: Path, images: list[dict], annotations: list[dict], categories: list[dict]
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path
+
+
+def voc_to_coco(names: list[str], image_dir: Path, classes: list[str]) -> tuple[list, list]:
+    """COCO images/annotations for some BCCD images (VOC corners are 1-based, inclusive)."""
+    images, annotations = [], []
+    for image_id, name in enumerate(names, start=1):
+        root = ET.parse(BCCD / "Annotations" / f"{name}.xml").getroot()
+        size = root.find("size")
+        images.append(
+            {
+                "id": image_id,
+                "file_name": str(image_dir / f"{name}.jpg"),
+                "width": int(size.findtext("width")),
+                "height": int(size.findtext("height")),
+            }
+        )
+        for obj in root.iter("object"):
+            box = obj.find("bndbox")
+            x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": classes.index(obj.findtext("name")) + 1,
+                    "bbox": [x0 - 1, y0 - 1, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
+    return images, annotations
+
+
+@pytest.fixture(scope="session")
+def bccd_coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A handful of real BCCD photos as a Roboflow-style COCO folder (images read in place)."""
+    if not BCCD.is_dir():
+        pytest.skip(f"real data not found at {BCCD}")
+    root = tmp_path_factory.mktemp("bccd-coco")
+    classes = ["RBC", "WBC", "Platelets"]
+    categories = [{"id": 0, "name": "cells", "supercategory": "none"}] + [
+        {"id": i + 1, "name": c, "supercategory": "cells"} for i, c in enumerate(classes)
+    ]
+    split_names = {
+        "train": ["BloodImage_00000", "BloodImage_00001", "BloodImage_00002", "BloodImage_00338"],
+        "valid": ["BloodImage_00003", "BloodImage_00004", "BloodImage_00343"],
+    }
+    for split, names in split_names.items():
+        names = [n for n in names if (BCCD / "Annotations" / f"{n}.xml").exists()]
+        images, annotations = voc_to_coco(names, BCCD / "JPEGImages", classes)
+        write_coco_json(root / split / "_annotations.coco.json", images, annotations, categories)
+    return root

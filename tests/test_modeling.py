@@ -1,0 +1,52 @@
+"""Loading a checkpoint with a new label map: only the class head is re-learned."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DetrConfig, DetrForObjectDetection
+
+from hf_detr_ft.errors import ModelLoadError
+from hf_detr_ft.modeling import DEFAULT_MODEL, load_image_processor, load_model
+
+
+@pytest.fixture(scope="module")
+def detr_r50_91_classes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The facebook/detr-resnet-50 architecture (91 COCO classes), random init, saved locally."""
+    path = tmp_path_factory.mktemp("detr-r50")
+    model = DetrForObjectDetection(DetrConfig(num_labels=91, use_pretrained_backbone=False))
+    model.save_pretrained(path)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_only_the_class_head_is_reinitialised(detr_r50_91_classes, caplog) -> None:
+    path, original = detr_r50_91_classes
+    with caplog.at_level(logging.INFO, logger="hf_detr_ft"):
+        model = load_model(path, ["RBC", "WBC", "Platelets"])
+    assert model.config.id2label == {0: "RBC", 1: "WBC", 2: "Platelets"}
+    assert model.config.label2id == {"RBC": 0, "WBC": 1, "Platelets": 2}
+    loaded = model.state_dict()
+    assert loaded.keys() == original.keys()
+    changed = {k for k in loaded if not torch.equal(loaded[k], original[k])}
+    assert changed == {"class_labels_classifier.weight", "class_labels_classifier.bias"}
+    assert loaded["class_labels_classifier.weight"].shape == (4, 256)  # 3 classes + no-object
+    assert "class_labels_classifier.weight" in caplog.text
+    assert "class_labels_classifier.bias" in caplog.text
+
+
+def test_unreachable_default_checkpoint_says_how_to_use_a_local_folder() -> None:
+    with pytest.raises(ModelLoadError) as err:
+        load_model(DEFAULT_MODEL, ["a"])
+    message = str(err.value)
+    assert DEFAULT_MODEL in message and "local" in message and "model=" in message
+
+
+def test_image_processor_sizes_and_default(tiny_model_dir: Path, tmp_path: Path) -> None:
+    processor = load_image_processor(tiny_model_dir, image_size=200, max_image_size=300)
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (200, 300)
+    fallback = load_image_processor(tmp_path, image_size=100, max_image_size=150)
+    assert type(fallback).__name__ == "DetrImageProcessor"
+    assert fallback.size["shortest_edge"] == 100
