@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .modeling import DEFAULT_MODEL
@@ -99,6 +100,10 @@ class DetrTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the transform needs the raw columns."}
+    )
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available,
+        metadata={"help": "Pin batches in memory (default: only when CUDA is available)."},
     )
     label_names: list[str] | None = field(
         default_factory=lambda: ["labels"], metadata={"help": "Label keys."}

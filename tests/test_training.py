@@ -1,0 +1,162 @@
+"""Real Trainer runs on tiny models: learning, the optimizer recipe, finetune() outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import BCCD
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+
+from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.cli import main as cli_main
+from hf_detr_ft.collate import collate_fn
+from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.evaluation import SUMMARY_METRICS
+from hf_detr_ft.finetune import METRICS_FILE, finetune
+from hf_detr_ft.modeling import load_image_processor, load_model
+from hf_detr_ft.synthetic import DEMO_CLASSES
+from hf_detr_ft.trainer import DetrTrainer, is_backbone_parameter
+from hf_detr_ft.transforms import DetrTransform
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = {"image_size": 64, "max_image_size": 64, "report_to": "none", "disable_tqdm": True}
+
+
+def _trainer(tiny_model_dir: Path, shapes_dir: Path, tmp_path: Path, **args) -> DetrTrainer:
+    data = load_detection_dataset(shapes_dir)
+    processor = load_image_processor(tiny_model_dir, image_size=64, max_image_size=64)
+    transform = DetrTransform.for_evaluation(processor)  # no augmentation: a fixed problem
+    return DetrTrainer(
+        model=load_model(tiny_model_dir, data.class_names),
+        args=DetrTrainingArguments(
+            output_dir=str(tmp_path), report_to="none", disable_tqdm=True, **args
+        ),
+        train_dataset=data.splits["train"].select(range(4)).with_transform(transform),
+        eval_dataset=data.splits["validation"].with_transform(transform),
+        processing_class=processor,
+        data_collator=collate_fn,
+    )
+
+
+def test_a_few_trainer_steps_reduce_the_loss(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    trainer = _trainer(
+        tiny_model_dir, shapes_dir, tmp_path,
+        max_steps=20, learning_rate=3e-3, lr_backbone=3e-4, per_device_train_batch_size=4,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+    )  # fmt: skip
+    batch = collate_fn([trainer.train_dataset[i] for i in range(4)])
+
+    def loss() -> float:
+        trainer.model.eval()
+        with torch.no_grad():
+            return trainer.model(**batch).loss.item()
+
+    before = loss()
+    trainer.train()
+    assert loss() < 0.9 * before
+
+
+def test_optimizer_follows_the_detr_recipe(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    trainer = _trainer(tiny_model_dir, shapes_dir, tmp_path, learning_rate=3e-4, lr_backbone=2e-5)
+    optimizer = trainer.create_optimizer()
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(trainable)
+    assert any(is_backbone_parameter(n) for n, _ in trainable)
+    for name, param in trainable:
+        assert lr_of[id(param)] == (2e-5 if is_backbone_parameter(name) else 3e-4), name
+    assert decay_of[id(trainer.model.class_labels_classifier.weight)] == 1e-4
+    assert decay_of[id(trainer.model.class_labels_classifier.bias)] == 0.0
+    assert type(optimizer).__name__ == "AdamW"
+    assert trainer.args.max_grad_norm == 0.1
+
+
+def test_evaluate_returns_every_metric(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    metrics = _trainer(tiny_model_dir, shapes_dir, tmp_path).evaluate()
+    expected = {f"eval_{m}" for m in SUMMARY_METRICS}
+    expected |= {f"eval_{kind}_{c}" for kind in ("ap", "ar") for c in DEMO_CLASSES}
+    expected |= {"eval_loss", "eval_loss_ce", "eval_loss_bbox", "eval_loss_giou"}
+    assert expected <= metrics.keys()
+    assert all(-1 <= metrics[f"eval_{m}"] <= 1 for m in SUMMARY_METRICS)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForObjectDetection.from_pretrained(path).state_dict()
+
+
+def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    result = finetune(
+        shapes_dir, 3, model=tiny_model_dir, output_dir=out, num_train_epochs=2,
+        per_device_train_batch_size=8, **QUICK,
+    )  # fmt: skip
+    assert result.output_dir == out and result.eval_split == "test"
+    assert {f"eval_{m}" for m in SUMMARY_METRICS} <= result.metrics.keys()
+    saved = json.loads((out / METRICS_FILE).read_text())
+    assert saved["eval_split"] == "test" and saved["eval_map"] == result.metrics["eval_map"]
+    assert saved["class_names"] == list(DEMO_CLASSES)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "circle", "1": "square", "2": "triangle"}
+    assert (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+
+    # The final model is the best checkpoint's (the Trainer reloads it at the end).
+    assert result.best_checkpoint and Path(result.best_checkpoint).is_dir()
+    final, best = _state(out), _state(Path(result.best_checkpoint))
+    assert all(torch.equal(final[k], best[k]) for k in final)
+
+    model = AutoModelForObjectDetection.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert model.config.id2label[2] == "triangle" and processor.size["shortest_edge"] == 64
+    detector = pipeline("object-detection", model=str(out), threshold=0.0)
+    image = Image.open(next((shapes_dir / "test").glob("*.png")))
+    detections = detector(image)
+    assert detections and {d["label"] for d in detections} <= set(DEMO_CLASSES)
+
+
+def test_real_bccd_photos_train_evaluate_and_load(tiny_model_dir, bccd_coco_dir, tmp_path) -> None:
+    out = tmp_path / "bccd-model"
+    result = finetune(
+        bccd_coco_dir, 3, model=tiny_model_dir, output_dir=out, max_steps=3,
+        per_device_train_batch_size=2, image_size=128, max_image_size=160,
+        eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=3,
+        report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    assert result.eval_split == "validation"
+    assert 0 <= result.metrics["eval_map"] <= 1 and result.metrics["eval_loss"] > 0
+    detector = pipeline("object-detection", model=str(out), threshold=0.0)
+    detections = detector(str(BCCD / "JPEGImages" / "BloodImage_00003.jpg"))
+    assert {d["label"] for d in detections} <= {"RBC", "WBC", "Platelets"}
+    assert all(0 <= d["box"]["xmax"] <= 700 for d in detections)
+
+
+def test_examples_train_script_runs(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    out = tmp_path / "script-out"
+    command = [
+        sys.executable, str(REPO / "examples" / "train.py"),
+        "--dataset_dir", str(shapes_dir), "--num_classes", "3",
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+        "--image_size", "64", "--max_image_size", "64", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Model saved to" in done.stdout
+    assert json.loads((out / "config.json").read_text())["id2label"]["1"] == "square"
+
+
+def test_cli_reports_user_mistakes_without_traceback(
+    tiny_model_dir, shapes_dir, tmp_path, capsys
+) -> None:
+    code = cli_main([
+        "train", "--dataset_dir", str(shapes_dir), "--num_classes", "5",
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "num_classes=5" in err and "3 classes" in err and "Traceback" not in err
