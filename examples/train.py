@@ -14,8 +14,9 @@ from hf_detr_ft.finetune import run_training
 def main() -> None:
     model_args, data_args, training_args = parse_train_args()
     result = run_training(model_args, data_args, training_args)
-    metrics = result.metrics
-    print(f"Model saved to {result.output_dir}; {result.eval_split} mAP {metrics['eval_map']:.4f}")
+    if training_args.process_index == 0:
+        mean_ap = result.metrics["eval_map"]
+        print(f"Model saved to {result.output_dir}; {result.eval_split} mAP {mean_ap:.4f}")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,13 @@ def train(argv: list[str]) -> int:
     from .arguments import parse_train_args
     from .finetune import run_training
 
-    result = run_training(*parse_train_args(argv))
-    print(
-        f"\nSaved the fine-tuned model to {result.output_dir}; {result.eval_split} mAP "
-        f"{result.metrics['eval_map']:.3f} (mAP50 {result.metrics['eval_map_50']:.3f})."
-    )
+    model_args, data_args, training_args = parse_train_args(argv)
+    result = run_training(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        print(
+            f"\nSaved the fine-tuned model to {result.output_dir}; {result.eval_split} mAP "
+            f"{result.metrics['eval_map']:.3f} (mAP50 {result.metrics['eval_map_50']:.3f})."
+        )
     return 0
 
 

@@ -7,6 +7,8 @@
   the checkpoint format's key names, which the Trainer's raw ``load_state_dict`` does not map
   back, so it would silently keep the current weights. Weights are loaded through
   ``from_pretrained``, which applies the key mapping.
+* Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
+  count in transformers 5).
 * Evaluation: each batch is post-processed right away and fed to a
   :class:`~hf_detr_ft.evaluation.CocoEvaluator`; the Trainer's own loop still prepares the
   model (DDP, FSDP, DeepSpeed) and averages the loss. Metrics: ``eval_loss``, DETR's loss terms
@@ -27,7 +29,10 @@ from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .compat import fix_object_detection_loss_normalisation
 from .evaluation import CocoEvaluator
+
+fix_object_detection_loss_normalisation()
 
 
 def is_backbone_parameter(name: str) -> bool:

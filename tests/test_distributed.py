@@ -1,0 +1,66 @@
+"""A real two-process run under `accelerate launch` (CPU, gloo), compared with one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.collate import collate_fn
+from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.evaluation import SUMMARY_METRICS
+from hf_detr_ft.trainer import DetrTrainer
+from hf_detr_ft.transforms import DetrTransform
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_train_and_evaluate_each_image_once(
+    tiny_model_dir, shapes_dir, tmp_path
+) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+        str(REPO / "examples" / "train.py"), "--use_cpu", "true",
+        "--dataset_dir", str(shapes_dir), "--num_classes", "3",
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "2",  # 5 test images: the last batch is uneven
+        "--image_size", "64", "--max_image_size", "64", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("Model saved to") == 1  # only the main process reports
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # 16 images / (2 processes x 4)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    distributed = json.loads((out / "metrics.json").read_text())
+    assert distributed["eval_split"] == "test"
+
+    data = load_detection_dataset(shapes_dir)
+    processor = AutoImageProcessor.from_pretrained(out)
+    single = DetrTrainer(
+        model=AutoModelForObjectDetection.from_pretrained(out),
+        args=DetrTrainingArguments(
+            output_dir=str(tmp_path / "single"),
+            report_to="none",
+            per_device_eval_batch_size=3,
+            eval_strategy="no",
+            load_best_model_at_end=False,
+        ),  # fmt: skip
+        processing_class=processor,
+        data_collator=collate_fn,
+    ).evaluate(data.splits["test"].with_transform(DetrTransform.for_evaluation(processor)))
+    for name in SUMMARY_METRICS:
+        assert distributed[f"eval_{name}"] == pytest.approx(single[f"eval_{name}"], abs=1e-6), name
+    assert distributed["eval_loss_bbox"] == pytest.approx(single["eval_loss_bbox"], rel=0.5)
