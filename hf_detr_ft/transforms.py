@@ -73,6 +73,11 @@ class DetrTransform:
         return cls(image_processor)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if self.augmentation is not None:
+            # Draw albumentations' randomness from Python's `random`, which the Trainer seeds
+            # and each DataLoader worker re-seeds differently: runs are reproducible and
+            # workers do not repeat each other's augmentations.
+            self.augmentation.set_random_seed(random.getrandbits(32))
         pixel_values, labels = [], []
         for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
             encoded = self.encode(np.array(image), image_id, objects)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,14 @@ def test_collate_pads_to_largest_image_not_a_square() -> None:
     assert np.all(batch["pixel_values"][0, :, :, 20:].numpy() == 0)
     assert torch.all(batch["pixel_values"][1, :, :16, :30] == 2.0)
     assert [label["id"] for label in batch["labels"]] == [1, 2]
+
+
+def test_training_augmentation_is_reproducible_from_the_seed(bccd_train, processor) -> None:
+    def run(seed: int) -> list[torch.Tensor]:
+        random.seed(seed)
+        transformed = bccd_train.with_transform(DetrTransform.for_training(processor))
+        return [transformed[i]["labels"]["boxes"] for i in (0, 1, 0)]
+
+    first, again, other = run(7), run(7), run(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other))
