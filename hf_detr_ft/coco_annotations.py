@@ -1,4 +1,4 @@
-"""Read COCO annotation files into annotation records.
+"""Read COCO annotation content into annotation records, checking every image and box.
 
 A record is one image with its objects, in the schema of :mod:`hf_detr_ft.dataset`::
 
@@ -6,12 +6,17 @@ A record is one image with its objects, in the schema of :mod:`hf_detr_ft.datase
      "objects": {"id": [...], "bbox": [[x, y, w, h], ...], "category": [0..N-1, ...],
                  "area": [...], "iscrowd": [...]}}
 
-Source category ids may be anything (non-contiguous, starting at 0 or 1); they are mapped to
-contiguous class indices by a :class:`LabelMap`, which keeps the source ids so predictions can
-be written back in them. Problems that can be repaired (a box overhanging the image) are
-repaired and counted; unusable annotations (zero-area boxes, boxes wholly outside the image,
-annotations of unknown images, missing image files) are dropped and counted. Problems that make
-the dataset meaningless (unknown category ids, unreadable JSON) raise :class:`DatasetError`.
+Every format (COCO, Pascal VOC, YOLO, Hugging Face datasets) is first read into a
+:class:`CocoFile` per split, so the same checks apply to all of them. Source category ids may
+be anything (non-contiguous, starting at 0 or 1); a :class:`LabelMap` maps them to contiguous
+class indices and keeps the source ids so predictions can be written back in them.
+
+Policy (see docs/datasets.md): what can be repaired is repaired and counted (boxes clipped to
+the image, colour modes converted to RGB, EXIF rotation applied to image and boxes together);
+what is unusable is dropped and counted (zero-area boxes, boxes wholly outside the image,
+annotations of unknown images, missing or unreadable image files), and with ``strict=True``
+every drop is an error instead; what makes the dataset meaningless (unknown category ids,
+conflicting image ids, unreadable annotation files, empty splits) raises :class:`DatasetError`.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from .errors import DatasetError
+from .image_files import IMAGE_ERRORS, eight_bit_png, inspect_image, orient_box
 from .layouts import SplitFiles
 
 logger = logging.getLogger(__name__)
 
 _EXAMPLES_PER_REASON = 3
+FIXED, DROPPED, WARNING = "fixed", "dropped", "warning"
 
 
 @dataclass(frozen=True)
@@ -54,31 +59,89 @@ class LabelMap:
 
 @dataclass
 class CocoFile:
-    """The parsed content of one split's COCO annotation file."""
+    """One split's annotations as COCO content, whichever format they were read from.
+
+    ``image_sources`` / ``annotation_sources`` name, per image or annotation id, the file and
+    record a problem is reported against (a VOC XML file, a YOLO label file and line); COCO
+    content needs none. ``embedded_images`` holds ``{"bytes", "path"}`` images of datasets that
+    carry their images inside (Hugging Face datasets), by image id. ``boxes_as_displayed``
+    says the boxes are relative to the EXIF-oriented image (YOLO, Hugging Face datasets).
+    """
 
     files: SplitFiles
     categories: list[dict[str, Any]]
     images: list[dict[str, Any]]
     annotations: list[dict[str, Any]]
+    image_sources: dict[int, tuple[str, str]] = field(default_factory=dict)
+    annotation_sources: dict[int, tuple[str, str]] = field(default_factory=dict)
+    embedded_images: dict[int, dict[str, Any]] = field(default_factory=dict)
+    boxes_as_displayed: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in the data: what happened, why, and the file and record it is in."""
+
+    kind: str  # FIXED, DROPPED or WARNING
+    reason: str
+    file: str
+    record: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.record}" + (f": {self.detail}" if self.detail else "")
 
 
 @dataclass
 class SkipReport:
-    """What was repaired or dropped while reading one split, with a few examples of each."""
+    """What was repaired, dropped or found suspicious while reading one split.
 
+    ``counts`` counts every problem by reason, ``problems`` lists them all. With ``strict``
+    every drop raises a :class:`DatasetError` instead.
+    """
+
+    strict: bool = False
     counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
 
-    def add(self, reason: str, example: str) -> None:
-        self.counts[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < _EXAMPLES_PER_REASON:
-            shown.append(example)
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        """The first few problems of each reason, as text."""
+        return self._examples()
 
-    def log(self, source: Path) -> None:
-        for reason, count in self.counts.items():
-            examples = "; ".join(self.examples[reason])
-            logger.warning("%s: %d %s (e.g. %s)", source, count, reason, examples)
+    def _examples(self, source: str | None = None) -> dict[str, list[str]]:
+        shown: dict[str, list[str]] = {}
+        for problem in self.problems:
+            examples = shown.setdefault(problem.reason, [])
+            if len(examples) < _EXAMPLES_PER_REASON:
+                text = str(problem)
+                examples.append(text.removeprefix(f"{source}: ") if source else text)
+        return shown
+
+    def fixed(self, reason: str, file: str | Path, record: str, detail: str = "") -> None:
+        self._add(Problem(FIXED, reason, str(file), record, detail))
+
+    def dropped(self, reason: str, file: str | Path, record: str, detail: str = "") -> None:
+        problem = Problem(DROPPED, reason, str(file), record, detail)
+        if self.strict:
+            raise DatasetError(
+                f"{problem} ({reason}; strict=True makes every drop an error). Fix the "
+                "annotation or the file, or leave strict off to drop and count it."
+            )
+        self._add(problem)
+
+    def warn(self, reason: str, file: str | Path, record: str, detail: str = "") -> None:
+        self._add(Problem(WARNING, reason, str(file), record, detail))
+
+    def _add(self, problem: Problem) -> None:
+        self.counts[problem.reason] += 1
+        self.problems.append(problem)
+
+    def log(self, source: str | Path) -> None:
+        for reason, examples in self._examples(str(source)).items():
+            logger.warning(
+                "%s: %d %s (e.g. %s)", source, self.counts[reason], reason, "; ".join(examples)
+            )
 
 
 def read_coco_file(files: SplitFiles) -> CocoFile:
@@ -96,7 +159,10 @@ def read_coco_file(files: SplitFiles) -> CocoFile:
     for i, category in enumerate(data["categories"]):
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
             raise DatasetError(f"{path}: categories[{i}] needs an 'id' and a 'name': {category!r}")
-    return CocoFile(files, data["categories"], data["images"], data.get("annotations") or [])
+    annotations = data.get("annotations") or []
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise DatasetError(f"{path}: 'annotations' must be a list of objects.")
+    return CocoFile(files, data["categories"], data["images"], annotations)
 
 
 def build_label_map(coco_files: list[CocoFile]) -> LabelMap:
@@ -127,70 +193,186 @@ def build_label_map(coco_files: list[CocoFile]) -> LabelMap:
     return LabelMap([str(c["name"]) for c in classes], [int(c["id"]) for c in classes])
 
 
-def to_records(coco: CocoFile, label_map: LabelMap) -> tuple[list[dict[str, Any]], SkipReport]:
-    """Turn one split's COCO content into annotation records, repairing or dropping bad boxes."""
+def to_records(
+    coco: CocoFile, label_map: LabelMap, *, strict: bool = False
+) -> tuple[list[dict[str, Any]], SkipReport]:
+    """Turn one split's COCO content into annotation records, repairing or dropping bad input."""
     path = coco.files.annotation_file
-    report = SkipReport()
-    records: dict[int, dict[str, Any]] = {}
+    report = SkipReport(strict=strict)
+    if not coco.images:
+        raise DatasetError(
+            f"The {coco.files.split} split ({path}) lists no images. Add images to it or remove it."
+        )
+    records: dict[int, _Record] = {}
+    by_file: dict[str, int] = {}
+    aliases: dict[int, int] = {}  # image id -> id of the first entry of the same file
+    known_images: set[int] = set()
     for entry in coco.images:
-        record = _image_record(entry, coco.files, report)
-        if record is not None:
-            records[record["image_id"]] = record
+        image_id = _image_id(entry, path)
+        if image_id in known_images:
+            _duplicate_id(coco, entry, image_id, records, report)
+            continue
+        known_images.add(image_id)
+        record = _image_record(coco, entry, image_id, report)
+        if record is None:
+            continue
+        image = record.data["image"]
+        first = by_file.setdefault(image, image_id) if isinstance(image, str) else image_id
+        if first != image_id:
+            aliases[image_id] = first
+            report.fixed(
+                "image files listed twice merged",
+                *_image_source(coco, image_id, entry),
+                f"same file as image {first}; its boxes are added to that image",
+            )
+            continue
+        records[image_id] = record
 
-    known_images = {int(e["id"]) for e in coco.images if isinstance(e, dict) and "id" in e}
+    file_names = {e.get("id"): e.get("file_name") for e in coco.images}
     for ann in coco.annotations:
         image_id = ann.get("image_id")
+        file, where = _annotation_source(coco, ann, file_names.get(image_id))
         if image_id not in known_images:
-            report.add("annotations of unknown images dropped", f"annotation {ann.get('id')}")
+            report.dropped(
+                "annotations of unknown images dropped", file, where,
+                f"image_id {image_id!r} is not in the image list",
+            )  # fmt: skip
             continue
-        record = records.get(image_id)
+        record = records.get(aliases.get(image_id, image_id))
         if record is None:  # the image itself was dropped and counted
             continue
         label = label_map.index(ann.get("category_id"))
         if label is None:
+            classes = dict(zip(label_map.source_ids, label_map.names))
             raise DatasetError(
-                f"{path}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
-                f"which is not a class of this dataset (classes: "
-                f"{dict(zip(label_map.source_ids, label_map.names))})."
+                f"{file}: {where} has category_id {ann.get('category_id')!r}, which is not a "
+                f"class of this dataset (classes: {classes}). Add the category to the category "
+                "list or remove the annotation."
             )
-        box = _clean_box(ann, record, report)
+        box = _clean_box(ann, record, report, file, where)
         if box is None:
             continue
-        objects = record["objects"]
+        objects = record.data["objects"]
         objects["id"].append(int(ann.get("id", len(objects["id"]))))
         objects["bbox"].append(box)
         objects["category"].append(label)
         box_area = box[2] * box[3]  # a segment's area never exceeds its (clipped) box's
-        objects["area"].append(min(float(ann.get("area") or box_area), box_area))
+        area = ann.get("area")
+        area = float(area) if isinstance(area, int | float) and area > 0 else box_area
+        objects["area"].append(min(area, box_area))
         objects["iscrowd"].append(bool(ann.get("iscrowd", 0)))
 
     report.log(path)
-    return list(records.values()), report
+    return [r.data for r in records.values()], report
 
 
-def _image_record(entry: Any, files: SplitFiles, report: SkipReport) -> dict[str, Any] | None:
-    path = files.annotation_file
+@dataclass
+class _Record:
+    """A record under construction, with how its boxes are moved to the displayed image."""
+
+    data: dict[str, Any]
+    orientation: int = 1  # EXIF orientation to apply to the boxes
+    stored_size: tuple[int, int] = (0, 0)
+
+
+def _image_id(entry: Any, path: Path) -> int:
     if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
         raise DatasetError(f"{path}: image entry needs an 'id' and a 'file_name': {entry!r}")
-    image_path = _resolve_image(files, str(entry["file_name"]))
-    if image_path is None:
-        report.add("images with a missing file dropped", str(files.image_dir / entry["file_name"]))
-        return None
-    width, height = entry.get("width"), entry.get("height")
-    if not width or not height:
-        try:
-            with Image.open(image_path) as image:
-                width, height = image.size
-        except OSError as err:
-            report.add("unreadable images dropped", f"{image_path} ({err})")
+    try:
+        return int(entry["id"])
+    except (TypeError, ValueError) as err:
+        raise DatasetError(f"{path}: image id {entry['id']!r} is not an integer.") from err
+
+
+def _duplicate_id(
+    coco: CocoFile, entry: dict, image_id: int, records: dict[int, _Record], report: SkipReport
+) -> None:
+    """A second image entry with a known id: harmless if it repeats the first, else an error."""
+    first = next(e for e in coco.images if e.get("id") == entry["id"])
+    if first.get("file_name") != entry.get("file_name"):
+        raise DatasetError(
+            f"{coco.files.annotation_file}: image id {image_id} is used by two images, "
+            f"{first.get('file_name')!r} and {entry.get('file_name')!r}, so its annotations "
+            "are ambiguous. Give every image its own id."
+        )
+    report.fixed(
+        "duplicate image entries merged", *_image_source(coco, image_id, entry),
+        "the same id and file listed twice; read once",
+    )  # fmt: skip
+
+
+def _image_source(coco: CocoFile, image_id: int, entry: dict) -> tuple[str, str]:
+    default = (str(coco.files.annotation_file), f"image {image_id} ({entry.get('file_name')})")
+    return coco.image_sources.get(image_id, default)
+
+
+def _annotation_source(coco: CocoFile, ann: dict, file_name: str | None) -> tuple[str, str]:
+    record = f"annotation {ann.get('id')}"
+    if file_name is not None:
+        record += f" of image {ann.get('image_id')} ({file_name})"
+    default = (str(coco.files.annotation_file), record)
+    return coco.annotation_sources.get(ann.get("id"), default)
+
+
+def _image_record(coco: CocoFile, entry: dict, image_id: int, report: SkipReport) -> _Record | None:
+    """Check an image entry against its file; ``None`` (counted) when it cannot be used."""
+    file, where = _image_source(coco, image_id, entry)
+    embedded = coco.embedded_images.get(image_id)
+    if embedded is not None:
+        # datasets reads an existing file at "path" rather than the bytes: keep only the bytes
+        path = None if embedded["bytes"] else embedded["path"]
+        image: Any = {"bytes": embedded["bytes"], "path": path}
+        source: str | bytes = embedded["bytes"] or embedded["path"]
+    else:
+        found = _resolve_image(coco.files, str(entry["file_name"]))
+        if found is None:
+            missing = coco.files.image_dir / str(entry["file_name"])
+            report.dropped("images with a missing file dropped", file, where, f"{missing}")
             return None
-    return {
-        "image": str(image_path),
-        "image_id": int(entry["id"]),
-        "width": int(width),
-        "height": int(height),
+        image = source = str(found)
+    try:
+        info = inspect_image(source)
+    except IMAGE_ERRORS as err:
+        report.dropped("unreadable images dropped", file, where, f"{err}")
+        return None
+    if info.mode_kind:
+        report.fixed(f"{info.mode_kind} images converted to RGB", file, where, f"mode {info.mode}")
+    if info.mode_kind == "16-bit":
+        image = {"bytes": eight_bit_png(source), "path": None}
+
+    record = _Record({}, stored_size=info.stored_size)
+    annotated = (entry.get("width"), entry.get("height"))
+    if not all(annotated):
+        pass  # no size given: the boxes are taken to be drawn on the image as displayed
+    elif info.orientation != 1 and not coco.boxes_as_displayed and annotated == info.stored_size:
+        record.orientation = info.orientation
+        report.fixed(
+            "images with EXIF orientation: boxes rotated with the image", file, where,
+            f"orientation {info.orientation}; annotated on the stored {_size(annotated)} pixels",
+        )  # fmt: skip
+    elif tuple(annotated) == info.size:
+        if info.orientation != 1:
+            report.fixed(
+                "images with EXIF orientation annotated as displayed", file, where,
+                f"orientation {info.orientation}; image and boxes used as displayed",
+            )  # fmt: skip
+    else:
+        report.fixed(
+            "images whose size differs from the annotation (the file's size is used)", file,
+            where, f"annotated {_size(annotated)}, file {_size(info.size)} as displayed",
+        )  # fmt: skip
+    record.data = {
+        "image": image,
+        "image_id": image_id,
+        "width": info.size[0],
+        "height": info.size[1],
         "objects": {"id": [], "bbox": [], "category": [], "area": [], "iscrowd": []},
     }
+    return record
+
+
+def _size(size: tuple[Any, Any]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def _resolve_image(files: SplitFiles, file_name: str) -> Path | None:
@@ -202,23 +384,32 @@ def _resolve_image(files: SplitFiles, file_name: str) -> Path | None:
     return None
 
 
-def _clean_box(ann: dict, record: dict, report: SkipReport) -> list[float] | None:
-    """Clip a COCO ``[x, y, w, h]`` box to its image; ``None`` when nothing usable is left."""
-    where = f"annotation {ann.get('id')} of {Path(record['image']).name}"
+def _clean_box(
+    ann: dict, record: _Record, report: SkipReport, file: str, where: str
+) -> list[float] | None:
+    """Orient and clip a COCO ``[x, y, w, h]`` box; ``None`` (counted) when nothing is left."""
     bbox = ann.get("bbox")
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        report.add("annotations without a valid bbox dropped", f"{where}: {bbox!r}")
+        report.dropped("annotations without a valid bbox dropped", file, where, f"bbox {bbox!r}")
         return None
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        report.add("boxes with zero, negative or NaN size dropped", f"{where}: {bbox}")
+        report.dropped("boxes with zero, negative or NaN size dropped", file, where, f"bbox {bbox}")
         return None
+    if record.orientation != 1:
+        x, y, w, h = orient_box([x, y, w, h], record.orientation, record.stored_size)
+    width, height = record.data["width"], record.data["height"]
     x0, y0 = max(x, 0.0), max(y, 0.0)
-    x1, y1 = min(x + w, record["width"]), min(y + h, record["height"])
+    x1, y1 = min(x + w, width), min(y + h, height)
     if x1 <= x0 or y1 <= y0:
-        report.add("boxes wholly outside their image dropped", f"{where}: {bbox}")
+        report.dropped(
+            "boxes wholly outside their image dropped", file, where,
+            f"bbox {bbox} in a {width}x{height} image",
+        )  # fmt: skip
         return None
     if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-        report.add("boxes clipped to their image", f"{where}: {bbox}")
+        report.fixed(
+            "boxes clipped to their image", file, where, f"bbox {bbox} in a {width}x{height} image"
+        )
     return [x0, y0, x1 - x0, y1 - y0]

@@ -1,4 +1,5 @@
-"""Build a ``datasets.DatasetDict`` from a COCO dataset folder.
+"""Build a ``datasets.DatasetDict`` from a dataset folder (COCO, Pascal VOC, YOLO) or a
+Hugging Face dataset (:mod:`hf_detr_ft.formats` reads them; :mod:`coco_annotations` checks them).
 
 Schema of every split (the same as the Hub's ``cppe-5`` detection datasets)::
 
@@ -16,7 +17,8 @@ Schema of every split (the same as the Hub's ``cppe-5`` detection datasets)::
 
 Split names are ``train``, ``validation`` and ``test``. When the folder has no validation split,
 ``validation_fraction`` of the training images (at least one) is split off with ``seed``
-(``datasets.Dataset.train_test_split``), so the same seed always gives the same split.
+(``datasets.Dataset.train_test_split``), so the same seed always gives the same split;
+``validation_fraction=0`` keeps the splits as they are (for inspecting and converting).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 
-from .coco_annotations import LabelMap, SkipReport, build_label_map, read_coco_file, to_records
+from .coco_annotations import LabelMap, SkipReport, build_label_map, to_records
 from .errors import DatasetError
-from .layouts import find_splits
+from .formats import read_annotations
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class DetectionDataset:
     layout: str
     root: Path
     skipped: dict[str, SkipReport]
+    format: str = "coco"
 
     @property
     def class_names(self) -> list[str]:
@@ -81,17 +84,20 @@ def load_detection_dataset(
     num_classes: int | None = None,
     *,
     layout: str = "auto",
+    dataset_format: str = "auto",
     validation_fraction: float = 0.1,
     seed: int = 42,
+    strict: bool = False,
 ) -> DetectionDataset:
-    """Read a COCO dataset folder (layout detected or forced) into a :class:`DetectionDataset`.
+    """Read a dataset folder or Hub dataset (format detected or forced) and check all of it.
 
     ``num_classes``, when given, must equal the number of classes in the annotations; a
-    mismatch is an error that names both numbers and the classes found.
+    mismatch is an error that names both numbers and the classes found. ``strict`` turns every
+    dropped image or box into an error. See docs/datasets.md for the formats and the checks.
     """
-    root = Path(dataset_dir).expanduser().resolve()
-    layout, split_files = find_splits(root, layout)
-    coco_files = [read_coco_file(files) for files in split_files]
+    source = Path(dataset_dir).expanduser()
+    dataset_format, layout, coco_files = read_annotations(dataset_dir, dataset_format, layout)
+    root = source.resolve() if dataset_format != "hf" or source.is_dir() else Path(dataset_dir)
     label_map = build_label_map(coco_files)
     if num_classes is not None and num_classes != len(label_map.names):
         raise DatasetError(
@@ -103,21 +109,26 @@ def load_detection_dataset(
     features = detection_features(label_map.names)
     splits, skipped = {}, {}
     for coco in coco_files:
-        records, skipped[coco.files.split] = to_records(coco, label_map)
+        split = coco.files.split
+        records, skipped[split] = to_records(coco, label_map, strict=strict)
         if not records:
             raise DatasetError(
-                f"The {coco.files.split} split ({coco.files.annotation_file}) has no usable images."
+                f"The {split} split ({coco.files.annotation_file}) has no usable images: "
+                f"all were dropped ({dict(skipped[split].counts)})."
             )
-        splits[coco.files.split] = Dataset.from_list(records, features=features)
+        splits[split] = Dataset.from_list(records, features=features)
     if "train" not in splits:
         raise DatasetError(f"No training split in {root} (found: {sorted(splits)}).")
-    if "validation" not in splits:
+    if "validation" not in splits and validation_fraction:
         splits.update(split_off_validation(splits["train"], validation_fraction, seed))
 
     ordered = DatasetDict({name: splits[name] for name in SPLIT_ORDER if name in splits})
     summary = ", ".join(f"{name}: {len(ds)} images" for name, ds in ordered.items())
-    logger.info("Loaded %s (%s layout): %s; classes %s", root, layout, summary, label_map.names)
-    return DetectionDataset(ordered, label_map, layout, root, skipped)
+    logger.info(
+        "Loaded %s (%s, %s layout): %s; classes %s",
+        root, dataset_format, layout, summary, label_map.names,
+    )  # fmt: skip
+    return DetectionDataset(ordered, label_map, layout, root, skipped, dataset_format)
 
 
 def split_off_validation(train: Dataset, fraction: float, seed: int) -> dict[str, Dataset]:

@@ -23,7 +23,7 @@ from .errors import DatasetError
 ROBOFLOW_ANNOTATION_FILE = "_annotations.coco.json"
 LAYOUTS = ("auto", "roboflow", "coco")
 
-_SPLIT_ALIASES = {
+SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
     "val": "validation",
@@ -70,12 +70,21 @@ def find_splits(dataset_dir: str | Path, layout: str = "auto") -> tuple[str, lis
     )
 
 
+def has_coco_annotations(root: Path) -> bool:
+    """Whether ``root`` holds COCO annotation files in either layout."""
+    if (root / ROBOFLOW_ANNOTATION_FILE).is_file():
+        return True
+    if any((p / ROBOFLOW_ANNOTATION_FILE).is_file() for p in root.iterdir() if p.is_dir()):
+        return True
+    return any(_COCO_ANNOTATION_NAME.match(p.name) for p in (root / "annotations").glob("*.json"))
+
+
 def _roboflow_splits(root: Path) -> list[SplitFiles]:
     if (root / ROBOFLOW_ANNOTATION_FILE).is_file():
         return [SplitFiles("train", root / ROBOFLOW_ANNOTATION_FILE, root)]
     splits = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        split = _SPLIT_ALIASES.get(folder.name.lower())
+        split = SPLIT_ALIASES.get(folder.name.lower())
         if split and (folder / ROBOFLOW_ANNOTATION_FILE).is_file():
             splits.append(SplitFiles(split, folder / ROBOFLOW_ANNOTATION_FILE, folder))
     return splits
@@ -88,7 +97,7 @@ def _coco_splits(root: Path) -> list[SplitFiles]:
     splits = []
     for path in sorted(annotation_dir.glob("*.json")):
         match = _COCO_ANNOTATION_NAME.match(path.name)
-        split = match and _SPLIT_ALIASES.get(match["split"])
+        split = match and SPLIT_ALIASES.get(match["split"])
         if split:
             image_dir = _coco_image_dir(root, match["split"], match["year"], path)
             splits.append(SplitFiles(split, path, image_dir))

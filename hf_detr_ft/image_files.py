@@ -1,0 +1,113 @@
+"""Check image files the way training will decode them, and orient boxes with EXIF.
+
+Training decodes every image with ``datasets.Image(mode="RGB")``: EXIF orientation applied,
+then ``convert("RGB")``. :func:`inspect_image` decodes each file once up front (at reduced
+JPEG resolution, so it is quick) so that truncated or unreadable files are found before any
+model is loaded, and reports the size as displayed, the stored size, the EXIF orientation and
+the kind of colour mode that will be converted.
+
+16-bit grayscale is the one mode ``convert("RGB")`` gets wrong (every value above 255 turns
+white), so :func:`eight_bit_png` re-encodes such an image, scaled from the 16-bit range to 8
+bits, for the dataset to hold instead of the file.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_MODE_KINDS = {
+    "1": "grayscale",
+    "L": "grayscale",
+    "LA": "grayscale",
+    "P": "palette",
+    "PA": "palette",
+    "RGBA": "RGBA",
+    "RGBa": "RGBA",
+    "CMYK": "CMYK",
+    **{mode: "16-bit" for mode in SIXTEEN_BIT_MODES},
+}
+# Exceptions Pillow raises for files it cannot decode (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What training will see of one image file."""
+
+    stored_size: tuple[int, int]  # (width, height) of the pixels in the file
+    size: tuple[int, int]  # (width, height) as displayed, after EXIF orientation
+    orientation: int  # EXIF orientation 1..8 (1: none)
+    mode: str
+    mode_kind: str | None  # "grayscale", "RGBA", "palette", "CMYK", "16-bit", "other"; None: RGB
+
+    @property
+    def swaps_axes(self) -> bool:
+        return self.orientation in (5, 6, 7, 8)
+
+
+def inspect_image(source: str | Path | bytes) -> ImageInfo:
+    """Open and fully decode an image (a path or encoded bytes); raises one of IMAGE_ERRORS."""
+    if isinstance(source, bytes):
+        return _inspect(io.BytesIO(source))
+    return _inspect_path(str(source))
+
+
+@lru_cache(maxsize=65536)
+def _inspect_path(path: str) -> ImageInfo:
+    return _inspect(path)
+
+
+def _inspect(source: str | io.BytesIO) -> ImageInfo:
+    with Image.open(source) as image:
+        stored = image.size
+        mode = image.mode
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        orientation = orientation if orientation in range(1, 9) else 1
+        image.draft(mode, (1, 1))  # JPEG: decode at 1/8 scale; still reads the whole file
+        image.load()
+    size = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+    kind = None if mode == "RGB" else _MODE_KINDS.get(mode, "other")
+    return ImageInfo(stored, size, orientation, mode, kind)
+
+
+def eight_bit_png(source: str | Path | bytes) -> bytes:
+    """A 16-bit grayscale image as an 8-bit PNG (EXIF orientation applied), scaled by 1/256."""
+    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(file) as image:
+        image = ImageOps.exif_transpose(image)
+        values = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I", "F") and values.max() <= 255:  # 32-bit modes holding 8-bit values
+        scaled = values
+    else:
+        scaled = values / 256.0
+    out = io.BytesIO()
+    Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def orient_box(box: list[float], orientation: int, stored_size: tuple[int, int]) -> list[float]:
+    """Move an ``[x, y, w, h]`` box drawn on the stored pixels to the EXIF-oriented image.
+
+    The same transposition ``PIL.ImageOps.exif_transpose`` applies to the pixels.
+    """
+    x, y, w, h = box
+    width, height = stored_size
+    flipped_x, flipped_y = width - x - w, height - y - h
+    return {
+        1: [x, y, w, h],
+        2: [flipped_x, y, w, h],
+        3: [flipped_x, flipped_y, w, h],
+        4: [x, flipped_y, w, h],
+        5: [y, x, h, w],
+        6: [flipped_y, x, h, w],
+        7: [flipped_y, flipped_x, h, w],
+        8: [y, flipped_x, h, w],
+    }[orientation]
