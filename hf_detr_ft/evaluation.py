@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +94,10 @@ class CocoEvaluator:
             self.detections[int(image_id)] = rows.astype(np.float32)
 
     def compute(self) -> dict[str, float]:
-        """Gather detections from all processes and run COCOeval (same result on each)."""
+        """Gather detections from all processes and run COCOeval (same result on each).
+
+        Afterwards every process holds the detections of all images, for :meth:`results`.
+        """
         merged: dict[int, np.ndarray] = {}
         for part in gather_object([self.detections]):
             merged.update(part)
@@ -102,19 +106,30 @@ class CocoEvaluator:
             raise RuntimeError(
                 f"{len(missing)} evaluation images got no prediction: {sorted(missing)[:5]}"
             )
-        return self._evaluate(merged)
+        self.detections = merged
+        return self._evaluate()
 
-    def _evaluate(self, detections: dict[int, np.ndarray]) -> dict[str, float]:
-        results = [
+    def results(self, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """The detections as a COCO results list (``image_id``, ``category_id``, xywh ``bbox``,
+        ``score``), sorted by image id.
+
+        ``category_ids[i]`` is written for class ``i`` (default: ``i``); pass the dataset's
+        source ids (``LabelMap.source_ids``) so that ``COCO.loadRes`` works on the original
+        annotation file. After :meth:`compute` this covers the images of every process.
+        """
+        return [
             {
                 "image_id": image_id,
+                "category_id": int(row[5]) if category_ids is None else category_ids[int(row[5])],
                 "bbox": [float(v) for v in row[:4]],
                 "score": float(row[4]),
-                "category_id": int(row[5]),
             }
-            for image_id, rows in detections.items()
+            for image_id, rows in sorted(self.detections.items())
             for row in rows
         ]
+
+    def _evaluate(self) -> dict[str, float]:
+        results = self.results()
         if not results or not self.ground_truth.getAnnIds():
             return self._empty_metrics()
         with contextlib.redirect_stdout(io.StringIO()):

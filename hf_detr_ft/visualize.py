@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -13,10 +14,13 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.ops import box_convert  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 from torchvision.utils import draw_bounding_boxes  # noqa: E402
+
+_LABEL_FONT = font_manager.findfont("DejaVu Sans")
 
 
 @dataclass
@@ -40,18 +44,30 @@ def class_colors(num_classes: int) -> list[str]:
 
 
 def draw_boxes(image: Image.Image, boxes: Boxes, class_names: Sequence[str]) -> np.ndarray:
-    """The image with its boxes and "name score" labels drawn, as an HxWx3 array."""
+    """The image with its boxes and "name score" labels drawn, as an HxWx3 array.
+
+    Labels are white text on a box of the class colour, in matplotlib's DejaVu Sans sized to
+    the image, so they stay readable on any background and at any resolution (torchvision's
+    default bitmap font is a few pixels high).
+    """
+    pixels = pil_to_tensor(image.convert("RGB"))
+    if not boxes.labels:
+        return pixels.permute(1, 2, 0).numpy()
     colors = class_colors(len(class_names))
     captions = [class_names[label] for label in boxes.labels]
     if boxes.scores is not None:
         captions = [f"{c} {s:.2f}" for c, s in zip(captions, boxes.scores)]
-    width = max(1, round(max(image.size) / 200))
+    longest_edge = max(image.size)
     drawn = draw_bounding_boxes(
-        pil_to_tensor(image.convert("RGB")),
+        pixels,
         boxes.xyxy,
         labels=captions,
         colors=[colors[label] for label in boxes.labels],
-        width=width,
+        width=max(1, round(longest_edge / 250)),
+        font=_LABEL_FONT,
+        font_size=max(8, round(longest_edge / 40)),
+        label_colors="white",
+        fill_labels=True,
     )
     return drawn.permute(1, 2, 0).numpy()
 
@@ -79,6 +95,11 @@ def save_comparison_grid(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (creating its folder) and free it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -1,0 +1,234 @@
+"""Run a fine-tuned detector on image files, folders and globs; write pictures and one JSON.
+
+:func:`predict` reads the images in batches (:func:`hf_detr_ft.inference.detect`), decoded the
+way training decodes them (EXIF orientation applied, converted to RGB), so boxes fit the image
+as it is displayed. With ``output_dir`` it writes, per image, a copy with the boxes, class names
+and scores drawn (:func:`hf_detr_ft.visualize.draw_boxes`, one colour per class), and one
+``predictions.json`` in COCO format::
+
+    {"images":      [{"id": 1, "file_name": "/abs/photo.jpg", "width": 640, "height": 480,
+                      "picture": "photo.jpg"}, ...],           # every input image, boxes or not
+     "annotations": [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [x, y, w, h],
+                      "score": 0.97, "area": 1234.5, "iscrowd": 0}, ...],
+     "categories":  [{"id": 0, "name": "stop"}, ...]}          # the model's class indices
+
+``annotations`` is a COCO results list (``COCO.loadRes`` takes it), and ``COCO(path)`` reads
+the whole file.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+from .errors import HfDetrFtError, ModelLoadError
+from .formats.voc import IMAGE_EXTENSIONS
+from .image_files import IMAGE_ERRORS, SIXTEEN_BIT_MODES, eight_bit_png
+from .inference import detect
+from .modeling import _cannot_load_message, load_image_processor
+from .visualize import Boxes, draw_boxes
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.json"
+_PICTURE_SUFFIXES = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}  # anything else: PNG
+
+
+class InputError(HfDetrFtError):
+    """The images to run the model on cannot be found."""
+
+
+@dataclass
+class ImagePrediction:
+    """The detections of one image, in pixels of the image as displayed (EXIF applied)."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: Boxes  # xyxy, class indices, scores
+    picture: Path | None = None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as given, else CUDA when it is available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_detector(
+    model: str | Path, *, device: str | torch.device | None = None, **model_kwargs: Any
+) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """A fine-tuned detector (folder or Hub id) in eval mode on ``device``, and its processor.
+
+    The processor saved with the model is used as it is (the image size it was trained at);
+    a model saved without one gets DETR's default processor.
+    """
+    try:
+        detector = AutoModelForObjectDetection.from_pretrained(str(model), **model_kwargs)
+    except OSError as err:
+        raise ModelLoadError(_cannot_load_message(model, err)) from err
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(model))
+    except OSError:
+        processor = load_image_processor(model)
+    return detector.to(resolve_device(device)).eval(), processor
+
+
+def find_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Image files named by ``inputs``: files, folders (their images, sorted) and globs.
+
+    Raises :class:`InputError` naming the input that does not exist or matches nothing.
+    """
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    found: dict[Path, None] = {}  # ordered, without duplicates
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise InputError(
+                    f"The folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})."
+                )
+        elif path.is_file():
+            files = [path]
+        elif glob.has_magic(str(item)):
+            files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+            files = [p for p in files if p.is_file()]
+            if not files:
+                raise InputError(f"The pattern {item!r} matches no files.")
+        else:
+            raise InputError(f"{path} does not exist (expected an image, a folder or a glob).")
+        found.update(dict.fromkeys(p.resolve() for p in files))
+    if not found:
+        raise InputError("No images given.")
+    return list(found)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode an image as training does: EXIF orientation applied, RGB (16-bit scaled to 8)."""
+    with Image.open(path) as image:
+        if image.mode in SIXTEEN_BIT_MODES:
+            with Image.open(io.BytesIO(eight_bit_png(path))) as scaled:
+                return scaled.convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def predict(
+    model: str | Path,
+    inputs: str | Path | Iterable[str | Path],
+    threshold: float = 0.5,
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    *,
+    device: str | torch.device | None = None,
+) -> list[ImagePrediction]:
+    """Detect objects in images, folders and globs with a fine-tuned model (folder or Hub id).
+
+    Keeps detections scoring at least ``threshold``. With ``output_dir``, writes a picture per
+    image and ``predictions.json`` (see the module docstring). Unreadable images are skipped
+    with a warning that counts and names them.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be between 0 and 1, got {threshold}.")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    files = find_images(inputs)
+    detector, processor = load_detector(model, device=device)
+    class_names = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    predictions: list[ImagePrediction] = []
+    unreadable: list[str] = []
+    picture_names: set[str] = set()
+    for batch in _batches(files, batch_size):
+        images, paths = [], []
+        for path in batch:
+            try:
+                images.append(open_image(path))
+                paths.append(path)
+            except IMAGE_ERRORS as err:
+                unreadable.append(f"{path} ({err})")
+        if not images:
+            continue
+        for path, image, found in zip(
+            paths, images, detect(detector, processor, images, threshold=threshold)
+        ):
+            boxes = Boxes(found["boxes"].cpu(), found["labels"].tolist(), found["scores"].tolist())
+            prediction = ImagePrediction(path, image.width, image.height, boxes)
+            if out is not None:
+                prediction.picture = out / _picture_name(path, picture_names)
+                if boxes.labels:  # (torchvision warns about drawing no boxes)
+                    image = Image.fromarray(draw_boxes(image, boxes, class_names))
+                image.save(prediction.picture)
+            predictions.append(prediction)
+    if unreadable:
+        logger.warning(
+            "Skipped %d unreadable image(s): %s", len(unreadable), "; ".join(unreadable[:5])
+        )
+    if out is not None:
+        coco = predictions_to_coco(predictions, class_names)
+        (out / PREDICTIONS_FILE).write_text(json.dumps(coco, indent=1) + "\n")
+        logger.info("Wrote %d pictures and %s to %s", len(predictions), PREDICTIONS_FILE, out)
+    return predictions
+
+
+def predictions_to_coco(
+    predictions: Sequence[ImagePrediction], class_names: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Predictions as a COCO file whose ``annotations`` are a COCO results list (with scores)."""
+    images, annotations = [], []
+    for image_id, prediction in enumerate(predictions, start=1):
+        images.append(
+            {
+                "id": image_id,
+                "file_name": str(prediction.path),
+                "width": prediction.width,
+                "height": prediction.height,
+                "picture": prediction.picture.name if prediction.picture else None,
+            }
+        )
+        boxes = prediction.boxes
+        for (x0, y0, x1, y1), label, score in zip(boxes.xyxy.tolist(), boxes.labels, boxes.scores):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i, "name": name} for i, name in enumerate(class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _picture_name(path: Path, used: set[str]) -> str:
+    """The input's name (JPEG and PNG kept, anything else as PNG), made unique in the folder."""
+    suffix = _PICTURE_SUFFIXES.get(path.suffix.lower(), ".png")
+    name, n = f"{path.stem}{suffix}", 1
+    while name in used:
+        name, n = f"{path.stem}_{n}{suffix}", n + 1
+    used.add(name)
+    return name

@@ -1,0 +1,160 @@
+"""`evaluate`: the numbers are pycocotools' own, on the dataset's original ids and files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from transformers import AutoImageProcessor
+
+from hf_detr_ft.cli import main
+from hf_detr_ft.demo import DEMO_CHECKPOINT
+from hf_detr_ft.errors import DatasetError
+from hf_detr_ft.evaluation import SUMMARY_METRICS
+from hf_detr_ft.model_evaluation import evaluate
+from hf_detr_ft.modeling import load_model
+from hf_detr_ft.synthetic import make_shapes_dataset
+
+CLASSES = ["circle", "square", "triangle"]
+SOURCE_IDS = {1: 3, 2: 7, 3: 11}  # the generator's ids -> non-contiguous ones
+EMPTY_IMAGE_INDEX = 2  # this test image keeps no boxes
+
+
+@pytest.fixture(scope="module")
+def odd_ids_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shapes with category ids 3, 7, 11 (0 is Roboflow's supercategory), image ids 100+."""
+    root = make_shapes_dataset(
+        tmp_path_factory.mktemp("odd-ids"), splits={"train": 4, "test": 6}, seed=3
+    )
+    for split in ("train", "test"):
+        path = root / split / "_annotations.coco.json"
+        coco = json.loads(path.read_text())
+        for category in coco["categories"]:
+            category["id"] = SOURCE_IDS.get(category["id"], category["id"])
+        new_ids = {image["id"]: 100 + 3 * k for k, image in enumerate(coco["images"])}
+        for image in coco["images"]:
+            image["id"] = new_ids[image["id"]]
+        for annotation in coco["annotations"]:
+            annotation["category_id"] = SOURCE_IDS[annotation["category_id"]]
+            annotation["image_id"] = new_ids[annotation["image_id"]]
+        if split == "test":
+            empty = coco["images"][EMPTY_IMAGE_INDEX]["id"]
+            coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != empty]
+        path.write_text(json.dumps(coco))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shapes_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's checkpoint (its boxes find shapes) with a fresh head for CLASSES: detections
+    land on the objects with mixed-up classes, so the metrics are neither 0 nor 1."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("shapes-model")
+    load_model(DEMO_CHECKPOINT, CLASSES).save_pretrained(path)
+    AutoImageProcessor.from_pretrained(DEMO_CHECKPOINT).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(shapes_model_dir: Path, odd_ids_dir: Path, tmp_path_factory) -> tuple:
+    out = tmp_path_factory.mktemp("evaluation")
+    result = evaluate(
+        shapes_model_dir, odd_ids_dir, "test", output_dir=out, save_predictions=True, device="cpu"
+    )
+    return result, out
+
+
+def _cocoeval(annotation_file: Path, results_file: Path, cat_ids: list[int] | None = None):
+    """The reference: pycocotools alone, on the source annotation file and the saved results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotation_file))
+        coco_eval = COCOeval(truth, truth.loadRes(str(results_file)), "bbox")
+        if cat_ids is not None:
+            coco_eval.params.catIds = cat_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval.stats
+
+
+def test_metrics_equal_pycocotools_on_the_source_annotations(evaluated, odd_ids_dir) -> None:
+    result, out = evaluated
+    annotations = odd_ids_dir / "test" / "_annotations.coco.json"
+    reference = _cocoeval(annotations, out / "predictions_test.json")
+    assert [result.metrics[name] for name in SUMMARY_METRICS] == pytest.approx(
+        list(reference), abs=1e-12
+    )
+    assert 0 < result.metrics["map_50"] < 1  # a real, non-trivial case
+    for name, source_id in zip(CLASSES, SOURCE_IDS.values()):
+        per_class = _cocoeval(annotations, out / "predictions_test.json", cat_ids=[source_id])
+        assert result.per_class[name]["ap"] == pytest.approx(per_class[0], abs=1e-12), name
+        assert result.per_class[name]["ar"] == pytest.approx(per_class[8], abs=1e-12), name
+
+    saved = json.loads((out / "evaluation_test.json").read_text())
+    assert saved["metrics"] == result.metrics and saved["per_class"] == result.per_class
+    assert saved["images"] == 6 and saved["class_names"] == CLASSES
+    assert {"loss", "loss_ce", "loss_bbox", "loss_giou"} <= saved["losses"].keys()
+    table = result.table()
+    assert all(name in table for name in CLASSES) and "maxDets=100" in table
+
+
+def test_predictions_load_back_with_the_coco_api(evaluated, odd_ids_dir) -> None:
+    result, out = evaluated
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(odd_ids_dir / "test" / "_annotations.coco.json"))
+        loaded = truth.loadRes(str(out / "predictions_test.json"))
+    predictions = loaded.dataset["annotations"]
+    assert {p["category_id"] for p in predictions} <= set(SOURCE_IDS.values())
+    # Every image, the one without boxes too, has its detections (one per query) under its id.
+    assert sorted({p["image_id"] for p in predictions}) == sorted(truth.getImgIds())
+    assert len(predictions) == 6 * 10 == len(result.predictions)
+
+
+def test_cli_prints_the_table_and_checks_the_split_and_classes(
+    shapes_model_dir, odd_ids_dir, tiny_model_dir, tmp_path, capsys
+) -> None:
+    common = ["evaluate", "--model", str(shapes_model_dir), "--dataset_dir", str(odd_ids_dir)]
+    assert main([*common, "--split", "test", "--output_dir", str(tmp_path), "--cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "AP  @[IoU=0.50:0.95 | area=   all | maxDets=100]" in printed and "triangle" in printed
+    assert (tmp_path / "evaluation_test.json").is_file()
+    assert not (tmp_path / "predictions_test.json").exists()
+
+    with pytest.raises(DatasetError, match="has no 'test' split"):
+        evaluate(shapes_model_dir, odd_ids_dir / "test", "test")  # a folder with only train
+    with pytest.raises(DatasetError, match="predicts the classes"):
+        evaluate(tiny_model_dir, odd_ids_dir, "test")
+    assert main([*common, "--split", "valid", "--output_dir", str(tmp_path)]) == 0  # an alias
+    assert (tmp_path / "evaluation_validation.json").is_file()
+
+
+def test_two_processes_give_the_numbers_of_one(evaluated, shapes_model_dir, odd_ids_dir, tmp_path):
+    """`accelerate launch` (2 CPU processes, gloo), with an uneven last batch."""
+    result, _ = evaluated
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+        "-m", "hf_detr_ft.cli", "evaluate", "--cpu", "--batch_size", "2", "--save_predictions",
+        "--model", str(shapes_model_dir), "--dataset_dir", str(odd_ids_dir), "--split", "test",
+        "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("Saved to") == 1  # only the main process prints
+    distributed = json.loads((tmp_path / "evaluation_test.json").read_text())
+    assert distributed["metrics"] == pytest.approx(result.metrics, abs=1e-6)
+    for name in CLASSES:
+        assert distributed["per_class"][name] == pytest.approx(result.per_class[name], abs=1e-6)
+    predictions = json.loads((tmp_path / "predictions_test.json").read_text())
+    assert len(predictions) == len(result.predictions)

@@ -1,0 +1,94 @@
+"""`predict`: images, folders and globs in; one picture per image and one COCO JSON out."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from hf_detr_ft.cli import main
+from hf_detr_ft.predict import InputError, find_images, predict
+
+NUM_QUERIES = 10  # of the tiny model
+
+
+def test_a_folder_gives_one_picture_per_image_and_a_json_of_every_image(
+    tiny_model_dir, shapes_dir, tmp_path
+) -> None:
+    inputs = sorted((shapes_dir / "test").glob("*.png"))
+    out = tmp_path / "out"
+    found = predict(tiny_model_dir, shapes_dir / "test", threshold=0.0, output_dir=out,
+                    batch_size=2, device="cpu")  # fmt: skip
+
+    assert [p.path for p in found] == [p.resolve() for p in inputs]
+    pictures = sorted(out.glob("*.png"))
+    assert [p.name for p in pictures] == [p.name for p in inputs]
+    for source, picture in zip(inputs, pictures):
+        with Image.open(picture) as drawn, Image.open(source) as original:
+            assert drawn.format == "PNG" and drawn.size == original.size
+            drawn.load()  # decodes: a complete, valid file
+
+    coco = json.loads((out / "predictions.json").read_text())
+    assert [image["file_name"] for image in coco["images"]] == [str(p.resolve()) for p in inputs]
+    assert [c["name"] for c in coco["categories"]] == [f"LABEL_{i}" for i in range(5)]
+    # threshold 0: every query of every image is kept (5 images, 2 + 2 + 1 per batch)
+    assert len(coco["annotations"]) == len(inputs) * NUM_QUERIES
+    with contextlib.redirect_stdout(io.StringIO()):
+        index = COCO(str(out / "predictions.json"))
+        results = index.loadRes(coco["annotations"])
+    assert sorted(results.getImgIds()) == sorted(index.getImgIds())
+
+
+def test_globs_files_jpeg_and_no_detections(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    photo = tmp_path / "photo.jpg"
+    with Image.open(next((shapes_dir / "train").glob("*.png"))) as image:
+        image.convert("RGB").resize((150, 90)).save(photo)
+    pattern = str(shapes_dir / "valid" / "valid_0000[01].png")
+    out = tmp_path / "out"
+    found = predict(tiny_model_dir, [pattern, photo, photo], threshold=1.0, output_dir=out)
+
+    assert [p.path.name for p in found] == ["valid_00000.png", "valid_00001.png", "photo.jpg"]
+    assert all(len(p.boxes.labels) == 0 for p in found)  # nothing reaches a score of 1
+    with Image.open(out / "photo.jpg") as drawn:
+        assert drawn.format == "JPEG" and drawn.size == (150, 90)
+    coco = json.loads((out / "predictions.json").read_text())
+    assert len(coco["images"]) == 3 and coco["annotations"] == []  # every image, even empty
+
+
+def test_bad_inputs_are_clear_errors_and_unreadable_images_are_skipped(
+    tiny_model_dir, shapes_dir, tmp_path, caplog, capsys
+) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        find_images([tmp_path / "missing.jpg"])
+    with pytest.raises(InputError, match="matches no files"):
+        find_images([str(tmp_path / "*.jpg")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        find_images([tmp_path / "empty"])
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    good = next((shapes_dir / "test").glob("*.png"))
+    with caplog.at_level(logging.WARNING):
+        found = predict(tiny_model_dir, [broken, good], output_dir=tmp_path / "out")
+    assert [p.path for p in found] == [good.resolve()]
+    assert "Skipped 1 unreadable image(s)" in caplog.text and "broken.jpg" in caplog.text
+
+    capsys.readouterr()
+    code = main(["predict", "--model", str(tiny_model_dir), str(tmp_path / "nothing")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+
+
+def test_cli_predict(tiny_model_dir, shapes_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    args = ["predict", "--model", str(tiny_model_dir), str(shapes_dir / "valid"),
+            "--threshold", "0", "--output_dir", str(out), "--cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert f"{6 * NUM_QUERIES} objects (score >= 0.0) in 6 images" in capsys.readouterr().out
+    assert len(list(out.glob("*.png"))) == 6 and (out / "predictions.json").is_file()
