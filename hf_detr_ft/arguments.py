@@ -29,12 +29,23 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the checkpoint's repo."}
     )
+    num_queries: int | None = field(
+        default=None,
+        metadata={
+            "help": "Object queries, i.e. the most objects the model can find in one image "
+            "(default: the checkpoint's, 100 for detr-resnet-50). Another value re-initialises "
+            "the query embeddings, which are then learned from scratch."
+        },
+    )
 
 
 @dataclass
 class DataArguments:
     dataset_dir: str = field(
-        metadata={"help": "Folder with COCO annotations (see docs/datasets.md)."}
+        metadata={
+            "help": "Dataset folder (COCO, Pascal VOC, YOLO, datasets save_to_disk) or a Hub "
+            "dataset id (see docs/datasets.md)."
+        }
     )
     num_classes: int | None = field(
         default=None,
@@ -42,6 +53,14 @@ class DataArguments:
     )
     dataset_layout: str = field(
         default="auto", metadata={"help": "COCO folder layout: auto, roboflow or coco."}
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "Dataset format: auto (detected), coco, voc, yolo or hf (datasets)."},
+    )
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Make every dropped image or box an error instead of a counted warning."},
     )
     validation_fraction: float = field(
         default=0.1,
@@ -108,13 +127,39 @@ class DetrTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(
         default_factory=lambda: ["labels"], metadata={"help": "Label keys."}
     )
+    hub_license: str | None = field(
+        default="apache-2.0",
+        metadata={"help": "License in the model card (default: that of facebook/detr-resnet-50)."},
+    )
+    hub_dataset_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id of the training data, for the model card's metadata."},
+    )
+
+    not_learning_check_after: float = field(
+        default=0.25,
+        metadata={
+            "help": "Share of training after which a training class_error that has not improved "
+            "is reported with its likely causes (0 turns the check off)."
+        },
+    )
+    stop_if_not_learning: bool = field(
+        default=False,
+        metadata={"help": "Stop training (instead of only warning) when that check fails."},
+    )
+
+    def __getstate__(self) -> dict:
+        """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""
+        state = self.__dict__.copy()
+        state.update({key: None for key in state if key.endswith("_token")})
+        return state
 
 
 def parse_train_args(
-    argv: list[str] | None = None,
+    argv: list[str] | None = None, prog: str | None = None
 ) -> tuple[ModelArguments, DataArguments, DetrTrainingArguments]:
     """Parse command-line flags (or one JSON/YAML file of them) into the three dataclasses."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, DetrTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, DetrTrainingArguments), prog=prog)
     if argv and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         return parse_file(argv[0])

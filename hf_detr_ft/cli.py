@@ -16,6 +16,13 @@ from .errors import HfDetrFtError
 COMMANDS = {
     "train": "fine-tune a DETR model on a COCO dataset folder (see `hf-detr-ft train --help`)",
     "demo": "offline demo: synthetic data, a few minutes of fine-tuning, mAP before/after",
+    "push": "upload a finished output directory to the Hugging Face Hub (model, card, metrics)",
+    "inspect": "check a dataset (any format): counts, problems, optional preview pictures",
+    "convert": "write a dataset (any format) as a Roboflow-layout COCO folder",
+    "evaluate": "COCO metrics of a fine-tuned model on a dataset split, overall and per class",
+    "predict": "detect objects in images, folders or globs; pictures and one COCO JSON",
+    "explain": "figure of the decoder's attention for the top detections of an image",
+    "report": "plots of a run's losses and mAP, and sample predictions (from its output_dir)",
 }
 
 
@@ -24,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-detr-ft",
         description="Fine-tune DETR object detectors on your own data.",
-        epilog="\n".join(f"  {name:<6} {text}" for name, text in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=COMMANDS, help="what to do")
@@ -32,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:1])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": train, "demo": demo}[args.command](argv[1:])
+        commands = {"train": train, "demo": demo, "push": push}
+        commands.update(inspect=inspect, convert=convert)
+        commands.update(evaluate=evaluate, predict=predict, explain=explain, report=report)
+        return commands[args.command](argv[1:])
     except (HfDetrFtError, FileExistsError) as err:
         print(f"hf-detr-ft {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -42,13 +52,94 @@ def train(argv: list[str]) -> int:
     from .arguments import parse_train_args
     from .finetune import run_training
 
-    model_args, data_args, training_args = parse_train_args(argv)
+    model_args, data_args, training_args = parse_train_args(argv, prog="hf-detr-ft train")
     result = run_training(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(
             f"\nSaved the fine-tuned model to {result.output_dir}; {result.eval_split} mAP "
             f"{result.metrics['eval_map']:.3f} (mAP50 {result.metrics['eval_map_50']:.3f})."
         )
+    return 0
+
+
+def push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-detr-ft push", description=COMMANDS["push"])
+    parser.add_argument("output_dir", help="the output_dir of a finished run")
+    parser.add_argument("--repo_id", required=True, help="Hub repo: name, user/name or org/name")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", help="branch to push to (created if needed)")
+    parser.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="also upload the newest checkpoint (optimizer state included) as last-checkpoint/",
+    )
+    args = parser.parse_args(argv)
+
+    from .hub import push_output_dir
+
+    url = push_output_dir(
+        args.output_dir,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        include_checkpoint=args.checkpoint,
+    )
+    print(f"Pushed {args.output_dir} to {url}")
+    return 0
+
+
+def _dataset_parser(command: str) -> argparse.ArgumentParser:
+    """The options every dataset command shares (those of ``load_detection_dataset``)."""
+    parser = argparse.ArgumentParser(prog=f"hf-detr-ft {command}", description=COMMANDS[command])
+    parser.add_argument("--dataset_format", default="auto", help="auto, coco, voc, yolo or hf")
+    parser.add_argument("--dataset_layout", default="auto", help="COCO: auto, roboflow or coco")
+    parser.add_argument("--strict", action="store_true", help="make every drop an error")
+    return parser
+
+
+def inspect(argv: list[str]) -> int:
+    parser = _dataset_parser("inspect")
+    parser.add_argument("dataset", help="dataset folder or Hugging Face Hub id")
+    parser.add_argument("--num_classes", type=int, help="check the number of classes")
+    parser.add_argument("--preview", type=int, default=0, metavar="N", help="draw N images")
+    parser.add_argument("--output_dir", default="dataset-report", help="where files go")
+    args = parser.parse_args(argv)
+
+    from .dataset import load_detection_dataset
+    from .preview import CHART_FILE, save_class_chart, write_preview
+    from .validation import build_report
+
+    data = load_detection_dataset(
+        args.dataset, args.num_classes, layout=args.dataset_layout,
+        dataset_format=args.dataset_format, validation_fraction=0, strict=args.strict,
+    )  # fmt: skip
+    report = build_report(data)
+    json_path, _ = report.write(args.output_dir)
+    print(f"{report.table()}\n\nReport with every problem: {json_path}")
+    if args.preview:
+        pictures = write_preview(data, args.output_dir, args.preview)
+        chart = save_class_chart(report, f"{args.output_dir}/{CHART_FILE}")
+        print(f"Preview: {len(pictures)} pictures in {pictures[0].parent}; chart: {chart}")
+    return 0
+
+
+def convert(argv: list[str]) -> int:
+    parser = _dataset_parser("convert")
+    parser.add_argument("source", help="dataset folder or Hugging Face Hub id")
+    parser.add_argument("destination", help="new folder to write")
+    parser.add_argument("--to", default="coco", choices=["coco"], help="output format")
+    args = parser.parse_args(argv)
+
+    from .dataset import load_detection_dataset
+    from .formats.coco_writer import write_coco_folder
+
+    data = load_detection_dataset(
+        args.source, layout=args.dataset_layout, dataset_format=args.dataset_format,
+        validation_fraction=0, strict=args.strict,
+    )  # fmt: skip
+    root = write_coco_folder(data, args.destination)
+    sizes = ", ".join(f"{split} {len(ds)}" for split, ds in data.splits.items())
+    print(f"Wrote {root} (COCO, Roboflow layout; images: {sizes}; classes {data.class_names})")
     return 0
 
 
@@ -68,6 +159,114 @@ def demo(argv: list[str]) -> int:
         f"  model:        {result.output_dir / 'model'}\n"
         f"  picture:      {result.picture} (ground truth left, predictions right)"
     )
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-detr-ft evaluate", description=COMMANDS["evaluate"])
+    parser.add_argument("--model", required=True, help="fine-tuned model folder or Hub id")
+    parser.add_argument("--dataset_dir", required=True, help="dataset folder or Hub dataset")
+    parser.add_argument("--split", default="test", help="train, validation or test (default)")
+    parser.add_argument(
+        "--output_dir",
+        help="where evaluation_<split>.json goes (default: the model folder, else here)",
+    )
+    parser.add_argument(
+        "--save_predictions",
+        action="store_true",
+        help="also write predictions_<split>.json: COCO results in the dataset's original ids",
+    )
+    parser.add_argument("--batch_size", type=int, default=8, help="images per device per step")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    args = parser.parse_args(argv)
+
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from .model_evaluation import evaluate as evaluate_model
+
+    output_dir = args.output_dir or (args.model if Path(args.model).is_dir() else ".")
+    result = evaluate_model(
+        args.model,
+        args.dataset_dir,
+        args.split,
+        output_dir=output_dir,
+        save_predictions=args.save_predictions,
+        batch_size=args.batch_size,
+        device="cpu" if args.cpu else None,
+    )
+    if PartialState().is_main_process:
+        saved = Path(output_dir) / f"evaluation_{result.split}.json"
+        print(f"\n{result.table()}\n\nSaved to {saved}")
+    return 0
+
+
+def predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-detr-ft predict", description=COMMANDS["predict"])
+    parser.add_argument("inputs", nargs="+", help="images, folders or globs (quote globs)")
+    parser.add_argument("--model", required=True, help="fine-tuned model folder or Hub id")
+    parser.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    parser.add_argument("--output_dir", default="predictions", help="pictures + predictions.json")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    args = parser.parse_args(argv)
+
+    from .predict import PREDICTIONS_FILE
+    from .predict import predict as predict_images
+
+    found = predict_images(
+        args.model,
+        args.inputs,
+        threshold=args.threshold,
+        output_dir=args.output_dir,
+        batch_size=args.batch_size,
+        device="cpu" if args.cpu else None,
+    )
+    boxes = sum(len(p.boxes.labels) for p in found)
+    print(
+        f"{boxes} objects (score >= {args.threshold}) in {len(found)} images; pictures and "
+        f"{PREDICTIONS_FILE} in {args.output_dir}"
+    )
+    return 0
+
+
+def explain(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-detr-ft explain", description=COMMANDS["explain"])
+    parser.add_argument("image", help="an image file")
+    parser.add_argument("--model", required=True, help="fine-tuned model folder or Hub id")
+    parser.add_argument("--output", help="the figure's path (default: <image>_attention.png)")
+    parser.add_argument("--top_k", type=int, default=4, help="how many detections to show")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    args = parser.parse_args(argv)
+
+    from .explain import explain as explain_image
+
+    path = explain_image(
+        args.model, args.image, args.output, top_k=args.top_k, device="cpu" if args.cpu else None
+    )
+    print(f"Attention of the top {args.top_k} detections: {path}")
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-detr-ft report", description=COMMANDS["report"])
+    parser.add_argument("output_dir", help="the output_dir of a run (or of a stopped run)")
+    parser.add_argument(
+        "--dataset_dir", help="its dataset, for sample_predictions.png (validation images)"
+    )
+    parser.add_argument("--num_samples", type=int, default=4, help="validation images to show")
+    args = parser.parse_args(argv)
+
+    from .report import write_training_report
+
+    validation = None
+    if args.dataset_dir:
+        from .dataset import load_detection_dataset
+
+        validation = load_detection_dataset(args.dataset_dir).splits["validation"]
+    written = write_training_report(args.output_dir, validation, num_samples=args.num_samples)
+    print("Wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

@@ -14,14 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset
-from transformers import AutoImageProcessor, AutoModelForObjectDetection
-
-from .dataset import load_detection_dataset
 from .finetune import finetune
-from .inference import detect
+from .report import SAMPLES_PLOT
 from .synthetic import DEMO_CLASSES, make_shapes_dataset
-from .visualize import Boxes, save_comparison_grid
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo_detr"
 _MARKER = ".hf-detr-ft-demo"
@@ -30,17 +25,18 @@ _MARKER = ".hf-detr-ft-demo"
 DEMO_SETTINGS = {
     "image_size": 128,
     "max_image_size": 128,
-    "num_train_epochs": 8,
+    "num_train_epochs": 24,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
     "learning_rate": 2e-4,
     "lr_backbone": 2e-5,
-    "logging_steps": 10,
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 25,
     "save_total_limit": 1,
     "eval_on_start": True,
     "report_to": "none",
 }
-DEMO_SPLITS = {"train": 160, "valid": 48}
+DEMO_SPLITS = {"train": 400, "valid": 64}
 
 
 @dataclass
@@ -67,7 +63,7 @@ def run_demo(output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0) -> De
         **DEMO_SETTINGS,
     )
     before = next(entry for entry in result.log_history if "eval_map" in entry)
-    picture = _draw_predictions(result.output_dir, data_dir, output_dir / "predictions.png")
+    picture = result.output_dir / SAMPLES_PLOT  # written by the training report
     return DemoResult(
         output_dir=output_dir,
         map_before=before["eval_map"],
@@ -88,17 +84,3 @@ def _prepare(output_dir: Path) -> None:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / _MARKER).touch()
-
-
-def _draw_predictions(model_dir: Path, data_dir: Path, path: Path, count: int = 4) -> Path:
-    model = AutoModelForObjectDetection.from_pretrained(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    data = load_detection_dataset(data_dir)
-    samples: Dataset = data.splits["validation"].select(range(count))
-    images = list(samples["image"])
-    detections = detect(model, image_processor, images, threshold=0.5)
-    truth = [Boxes.from_coco(o["bbox"], o["category"]) for o in samples["objects"]]
-    predicted = [Boxes(d["boxes"], d["labels"].tolist(), d["scores"].tolist()) for d in detections]
-    return save_comparison_grid(
-        images, truth, predicted, data.class_names, path, title="hf-detr-ft demo (score > 0.5)"
-    )

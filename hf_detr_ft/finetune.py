@@ -4,7 +4,8 @@
 :func:`run_training`::
 
     dataset folder -> DetectionDataset -> with_transform(DetrTransform) -> collate_fn
-        -> DetrTrainer (train, COCO evaluation) -> output_dir (model, processor, metrics JSON)
+        -> DetrTrainer (train, COCO evaluation) -> output_dir (model, processor, metrics JSON,
+           model card README.md) -> the Hub with push_to_hub (see hub.py)
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
+from .callbacks import TrainingSignalsCallback
 from .collate import collate_fn
 from .dataset import load_detection_dataset
+from .errors import DatasetError
+from .model_card import CardContext, ModelCardCallback, training_hyperparameters
 from .modeling import DEFAULT_MODEL, load_image_processor, load_model
+from .preflight import run_preflight
+from .report import write_training_report
 from .trainer import DetrTrainer
 from .transforms import DetrTransform
+from .validation import build_report
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +60,17 @@ def run_training(
         data_args.dataset_dir,
         data_args.num_classes,
         layout=data_args.dataset_layout,
+        dataset_format=data_args.dataset_format,
         validation_fraction=data_args.validation_fraction,
         seed=training_args.seed,
+        strict=data_args.strict,
     )
+    if "validation" not in data.splits:
+        raise DatasetError(f"{data.root} has no validation split; set validation_fraction > 0.")
+    report = build_report(data)  # checked and written before any model is loaded
+    logger.info("Dataset report:\n%s", report.table())
+    if training_args.process_index == 0:
+        report.write(training_args.output_dir)
     image_processor = load_image_processor(
         model_args.model_name_or_path,
         image_size=data_args.image_size,
@@ -67,12 +82,41 @@ def run_training(
         data.class_names,
         revision=model_args.revision,
         trust_remote_code=model_args.trust_remote_code,
+        num_queries=model_args.num_queries,
     )
 
     train_transform = DetrTransform.for_training(image_processor)
     eval_transform = DetrTransform.for_evaluation(image_processor)
     train_dataset = _first(data.splits["train"], data_args.max_train_samples)
     validation = _first(data.splits["validation"], data_args.max_eval_samples)
+    final_split = _first(data.splits[data.eval_split], data_args.max_eval_samples)
+    # Before any training: stops here (PreflightError) when the run cannot work as configured.
+    run_preflight(
+        {"train": train_dataset, "validation": validation, data.eval_split: final_split},
+        model.config,
+        data_args,
+        training_args,
+    )
+    signals = TrainingSignalsCallback(
+        training_args.not_learning_check_after,
+        stop_if_not_learning=training_args.stop_if_not_learning,
+    )
+    card = ModelCardCallback(
+        CardContext(
+            class_names=data.class_names,
+            eval_split=data.eval_split,
+            base_model=model_args.model_name_or_path,
+            dataset_name=training_args.hub_dataset_id,
+            dataset_dir=data_args.dataset_dir,
+            license=training_args.hub_license,
+            splits={"train": train_dataset, "validation": validation, data.eval_split: final_split},
+            hyperparameters=training_hyperparameters(
+                training_args,
+                image_size=data_args.image_size,
+                max_image_size=data_args.max_image_size,
+            ),
+        )
+    )
     trainer = DetrTrainer(
         model=model,
         args=training_args,
@@ -80,23 +124,29 @@ def run_training(
         eval_dataset=validation.with_transform(eval_transform),
         processing_class=image_processor,
         data_collator=collate_fn,
+        callbacks=[card, signals],
     )
+    card.repo_id = trainer.hub_model_id  # the full id of the repo, when pushing
 
     train_result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(training_args))
-    trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
 
-    final_split = _first(data.splits[data.eval_split], data_args.max_eval_samples)
     metrics = trainer.evaluate(final_split.with_transform(eval_transform), metric_key_prefix="eval")
     trainer.log_metrics(f"eval ({data.eval_split} split)", metrics)
     output_dir = Path(training_args.output_dir)
+    card.final_metrics = metrics
     if trainer.is_world_process_zero():
         summary = {"eval_split": data.eval_split, "class_names": data.class_names, **metrics}
         (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        card.write(training_args, trainer.state)
+        write_training_report(output_dir, validation, trainer.model, image_processor)
+    # Last, so that a failed upload (hub.HubError) leaves a complete output_dir behind.
     if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="End of training")
+        trainer.push_to_hub(commit_message="End of training")  # saves the model, then uploads
+    else:
+        trainer.save_model()
     return FinetuneResult(
         output_dir=output_dir,
         metrics=metrics,

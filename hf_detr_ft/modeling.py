@@ -8,6 +8,7 @@ number of classes (for DETR only ``class_labels_classifier``), which are re-init
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
@@ -19,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "facebook/detr-resnet-50"
 
+#: The ResNet stages DETR trains (``train_backbone`` in the original code): all but the stem and
+#: the first stage. Names as in timm (``layer2``-``layer4``) and transformers (``stages.1``-).
+_TRAINED_RESNET_STAGE = re.compile(r"\.(layer[2-9]|stages\.[1-9])\.")
+
 
 def load_model(
     model_name_or_path: str | Path,
@@ -26,10 +31,18 @@ def load_model(
     *,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    num_queries: int | None = None,
 ) -> PreTrainedModel:
-    """Load an object-detection checkpoint (local folder or Hub id) for ``class_names``."""
+    """Load an object-detection checkpoint (local folder or Hub id) for ``class_names``.
+
+    ``num_queries`` (default: the checkpoint's) caps how many objects one image can get; a
+    different value re-initialises the query embeddings, which are then learned from scratch.
+    """
     id2label = dict(enumerate(class_names))
     label2id = {name: i for i, name in id2label.items()}
+    if num_queries is not None and num_queries < 1:
+        raise ModelLoadError(f"num_queries must be at least 1, got {num_queries}.")
+    overrides = {} if num_queries is None else {"num_queries": num_queries}
     try:
         model, info = AutoModelForObjectDetection.from_pretrained(
             str(model_name_or_path),
@@ -40,6 +53,7 @@ def load_model(
             revision=revision,
             trust_remote_code=trust_remote_code,
             use_safetensors=None,
+            **overrides,
         )
     except OSError as err:
         raise ModelLoadError(_cannot_load_message(model_name_or_path, err)) from err
@@ -54,7 +68,25 @@ def load_model(
             model_name_or_path,
             ", ".join(reinitialised),
         )
+    freeze_backbone_stem(model)
     return model
+
+
+def freeze_backbone_stem(model: PreTrainedModel) -> None:
+    """Freeze a ResNet backbone's stem and first stage and train the rest, as DETR does.
+
+    Why explicit: transformers 5 applies DETR's own freezing inconsistently (a model built from
+    a config freezes the whole transformers ResNet, ``from_pretrained`` freezes nothing), so the
+    choice is made here once for every way a model is loaded. Backbones that are not ResNets
+    (no ``layerN`` / ``stages.N`` names) are left as they are.
+    """
+    backbone = [(n, p) for n, p in model.named_parameters() if "backbone" in n]
+    if not any(_TRAINED_RESNET_STAGE.search(name) for name, _ in backbone):
+        return
+    for name, param in backbone:
+        param.requires_grad_(bool(_TRAINED_RESNET_STAGE.search(name)))
+    frozen = sum(p.numel() for _, p in backbone if not p.requires_grad)
+    logger.info("Backbone stem and first stage frozen (%d parameters), as in DETR.", frozen)
 
 
 def load_image_processor(

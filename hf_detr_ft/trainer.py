@@ -9,28 +9,39 @@
   ``from_pretrained``, which applies the key mapping.
 * Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
   count in transformers 5).
+* Hub: the repo is created and the final push made through :mod:`hf_detr_ft.hub` (clear
+  errors, only the files a model repo needs, the card of ``ModelCardCallback`` kept); the
+  Trainer's own checkpoint pushes (``hub_strategy``) are unchanged.
 * Evaluation: each batch is post-processed right away and fed to a
   :class:`~hf_detr_ft.evaluation.CocoEvaluator`; the Trainer's own loop still prepares the
   model (DDP, FSDP, DeepSpeed) and averages the loss. Metrics: ``eval_loss``, DETR's loss terms
   (``eval_loss_ce``, ``eval_loss_bbox``, ``eval_loss_giou``, ``eval_cardinality_error``), the 12
   COCO numbers (``eval_map`` ...) and ``eval_ap_<class>`` / ``eval_ar_<class>``.
+* Training signals (what the original DETR logs, so a run that does not learn shows it): every
+  training log adds ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``cardinality_error`` and
+  ``class_error`` averaged over the logging interval (the Trainer adds ``grad_norm``);
+  evaluation adds ``eval_class_error``. ``class_error`` is the percentage of Hungarian-matched
+  queries whose top class is wrong (100 - accuracy), see :func:`count_class_errors`.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from torch import nn
-from transformers import Trainer
+from transformers import PretrainedConfig, Trainer
+from transformers.loss.loss_for_object_detection import HungarianMatcher
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .compat import fix_object_detection_loss_normalisation
 from .evaluation import CocoEvaluator
+from .hub import create_hub_repo, push_output_dir
 
 fix_object_detection_loss_normalisation()
 
@@ -40,6 +51,55 @@ def is_backbone_parameter(name: str) -> bool:
     return "backbone" in name
 
 
+def count_class_errors(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    labels: list[dict[str, torch.Tensor]],
+    config: PretrainedConfig,
+) -> tuple[int, int]:
+    """``(wrong, matched)``: matched queries whose top class is wrong, and all matched queries.
+
+    Queries are matched to the targets by transformers' ``HungarianMatcher`` with the model's
+    matching costs, as in the loss. A matched query is wrong when its highest logit (the
+    no-object class included) is not its target's class; DETR logs ``100 * wrong / matched``
+    as ``class_error``.
+    """
+    if not any(len(target["class_labels"]) for target in labels):
+        return 0, 0  # nothing to match (and the matcher cannot take an empty batch)
+    matcher = HungarianMatcher(
+        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+    )
+    indices = matcher({"logits": logits.detach(), "pred_boxes": pred_boxes.detach()}, labels)
+    wrong = matched = 0
+    for image_logits, target, (queries, targets) in zip(logits, labels, indices):
+        predicted = image_logits[queries].argmax(-1)
+        wrong += int((predicted != target["class_labels"][targets].to(predicted.device)).sum())
+        matched += len(queries)
+    return wrong, matched
+
+
+def add_training_signals(
+    totals: dict[str, float], outputs: Any, labels: list[dict], config: PretrainedConfig
+) -> None:
+    """Add one batch's DETR loss terms (weighted by its images) and class errors to ``totals``."""
+    for name, value in (outputs.loss_dict or {}).items():
+        totals[name] += float(value.detach()) * len(labels)
+    totals["_images"] += len(labels)
+    wrong, matched = count_class_errors(outputs.logits, outputs.pred_boxes, labels, config)
+    totals["_wrong"] += wrong
+    totals["_matched"] += matched
+
+
+def training_signal_means(totals: dict[str, float]) -> dict[str, float]:
+    """Per-image means of the loss terms and ``class_error`` (percent) from summed ``totals``."""
+    totals = dict(totals)
+    images, wrong, matched = (totals.pop(k, 0) for k in ("_images", "_wrong", "_matched"))
+    means = {name: value / images for name, value in totals.items()} if images else {}
+    if matched:
+        means["class_error"] = 100.0 * wrong / matched
+    return means
+
+
 class DetrTrainer(Trainer):
     """A Trainer for DETR-family detectors; pass the image processor as ``processing_class``."""
 
@@ -47,6 +107,7 @@ class DetrTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._evaluator: CocoEvaluator | None = None
         self._eval_loss_terms: dict[str, float] = defaultdict(float)
+        self._train_signals: dict[str, float] = defaultdict(float)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
@@ -90,6 +151,46 @@ class DetrTrainer(Trainer):
         model.load_state_dict(saved.state_dict())
         return True
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo through :mod:`hf_detr_ft.hub`: clear errors before training."""
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = create_hub_repo(
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            private=self.args.hub_private_repo if private is None else private,
+            token=self.args.hub_token if token is None else token,
+        )
+        self.push_in_progress = None
+
+    def push_to_hub(
+        self,
+        commit_message: str = "End of training",
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+    ) -> str | None:
+        """Save and upload ``output_dir`` with :func:`hf_detr_ft.hub.push_output_dir`.
+
+        Unlike ``Trainer.push_to_hub`` this keeps the card written by ``ModelCardCallback``
+        (``on_push_begin``), uploads only the files a model repo needs, blocks until done and
+        raises a :class:`~hf_detr_ft.hub.HubError` that says how to push again later.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self._finish_current_push()
+        return push_output_dir(
+            self.args.output_dir,
+            self.hub_model_id,
+            private=self.args.hub_private_repo if private is None else private,
+            revision=revision or self.args.hub_revision,
+            token=self.args.hub_token if token is None else token,
+            commit_message=commit_message,
+        )
+
     def evaluation_loop(
         self,
         dataloader: torch.utils.data.DataLoader,
@@ -104,7 +205,10 @@ class DetrTrainer(Trainer):
             output = super().evaluation_loop(
                 dataloader, description, True, ignore_keys, metric_key_prefix
             )
-            metrics = {**self._gather_loss_terms(), **self._evaluator.compute()}
+            metrics = {
+                **self._gather_loss_terms(self._eval_loss_terms),
+                **self._evaluator.compute(),
+            }
         finally:
             self._evaluator = None
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
@@ -128,17 +232,34 @@ class DetrTrainer(Trainer):
                 outputs, threshold=0.0, target_sizes=orig_sizes
             )
             self._evaluator.update([int(target["image_id"]) for target in labels], results)
-            for name, value in (outputs.loss_dict or {}).items():
-                self._eval_loss_terms[name] += float(value) * len(labels)
-            self._eval_loss_terms["_images"] += len(labels)
+            add_training_signals(self._eval_loss_terms, outputs, labels, self.model.config)
         loss = outputs.loss.detach() if outputs.loss is not None else None
         return loss, None, None
 
-    def _gather_loss_terms(self) -> dict[str, float]:
-        """Mean of each DETR loss term over the evaluation images of all processes."""
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The Trainer's loss; also adds the batch's DETR signals to the next training log."""
+        labels = inputs["labels"]
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        add_training_signals(self._train_signals, outputs, labels, self.model.config)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the DETR signals averaged since the last training log to a training log."""
+        if "loss" in logs:  # the Trainer's periodic training log, reached by every process
+            logs.update(self._gather_loss_terms(self._train_signals))
+            self._train_signals = defaultdict(float)
+        super().log(logs, start_time)
+
+    def _gather_loss_terms(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means of DETR's loss terms and class_error over the images of all processes."""
         totals: dict[str, float] = defaultdict(float)
-        for part in gather_object([dict(self._eval_loss_terms)]):
+        for part in gather_object([dict(sums)]):
             for name, value in part.items():
                 totals[name] += value
-        images = totals.pop("_images", 0)
-        return {name: value / images for name, value in totals.items()} if images else {}
+        return training_signal_means(totals)

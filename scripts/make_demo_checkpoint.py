@@ -16,7 +16,13 @@ torch 2.14.1, transformers 5.23)::
 
     python scripts/make_demo_checkpoint.py --minutes 30 --output hf_detr_ft/assets/demo_detr
 
-RESULT_PLACEHOLDER
+The shipped run: 30 min training budget, 31.3 min in all (rendering the 6,000-image pool
+~1 min, evals, saving). The 2 cores were shared with other jobs (load average 3-6), so it made
+only 4,945 steps of 16 images (~0.36 s/step; ~0.12 s/step on idle cores). Result on 200
+held-out images of the pretraining classes: mAP@[.5:.95] 0.208, mAP50 0.440 (0.001 / 0.007
+after 3 min, 0.052 / 0.201 after 18 min); identical after re-freezing BatchNorm (max logit
+change 2e-6) and after reloading the saved checkpoint. Size 4.4 MB (1.10 M parameters, fp32).
+The loss was still falling at the end, so a longer run or idle cores give a better start.
 
 Preprocessing is what the library does: each image goes through ``DetrImageProcessor`` on its
 own (``do_pad=False``) with its COCO-detection annotations, which gives normalized pixels and
@@ -26,7 +32,9 @@ a ``pixel_mask``. Augmentation is a random flip / 90-degree rotation of the prep
 
 Note on transformers 5.23: ``DetrConvEncoder`` freezes backbone parameters whose name lacks
 "stage.1/2/3", but the HF ResNet backbone names them ``encoder.stages.N``, so *every* backbone
-parameter ends up frozen. This script re-enables them all for pretraining.
+parameter ends up frozen when a model is built from a config. This script re-enables them all
+for pretraining. (``from_pretrained`` on the saved checkpoint, by contrast, was measured to
+leave every backbone parameter trainable.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig  # noqa: E402
 
 from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
@@ -49,6 +50,7 @@ def tiny_detr_config(num_labels: int = 5) -> DetrConfig:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random DETR saved with save_pretrained, plus its image processor."""
     path = tmp_path_factory.mktemp("tiny-detr")
+    torch.manual_seed(0)  # the same tiny model in every test session
     DetrForObjectDetection(tiny_detr_config()).save_pretrained(path)
     size = {"shortest_edge": TINY_IMAGE_SIZE, "longest_edge": TINY_IMAGE_SIZE}
     DetrImageProcessor(size=size).save_pretrained(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def test_only_the_class_head_is_reinitialised(detr_r50_91_classes, caplog) -> No
     assert loaded["class_labels_classifier.weight"].shape == (4, 256)  # 3 classes + no-object
     assert "class_labels_classifier.weight" in caplog.text
     assert "class_labels_classifier.bias" in caplog.text
+
+
+@pytest.mark.parametrize("backbone", ["timm", "transformers"])
+def test_backbone_stem_and_first_stage_frozen_rest_trained(
+    backbone: str, tiny_model_dir: Path, detr_r50_91_classes
+) -> None:
+    path = detr_r50_91_classes[0] if backbone == "timm" else tiny_model_dir
+    model = load_model(path, ["a", "b"])
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    stem = [n for n in trainable if re.search(r"backbone\.model\.(conv1|embedder)\.", n)]
+    first = [n for n in trainable if ".layer1." in n or ".stages.0." in n]
+    later = [n for n in trainable if ".layer4." in n or ".stages.3." in n]
+    assert stem and first and later
+    assert not any(trainable[n] for n in stem + first)
+    assert all(trainable[n] for n in later)
+    assert all(trainable[n] for n in trainable if "backbone" not in n)
 
 
 def test_unreachable_default_checkpoint_says_how_to_use_a_local_folder() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from conftest import BCCD
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline, set_seed
 
 from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.cli import main as cli_main
@@ -28,6 +28,7 @@ QUICK = {"image_size": 64, "max_image_size": 64, "report_to": "none", "disable_t
 
 
 def _trainer(tiny_model_dir: Path, shapes_dir: Path, tmp_path: Path, **args) -> DetrTrainer:
+    set_seed(0)  # the new class head is drawn at random when the model is loaded
     data = load_detection_dataset(shapes_dir)
     processor = load_image_processor(tiny_model_dir, image_size=64, max_image_size=64)
     transform = DetrTransform.for_evaluation(processor)  # no augmentation: a fixed problem
@@ -46,7 +47,7 @@ def _trainer(tiny_model_dir: Path, shapes_dir: Path, tmp_path: Path, **args) -> 
 def test_a_few_trainer_steps_reduce_the_loss(tiny_model_dir, shapes_dir, tmp_path) -> None:
     trainer = _trainer(
         tiny_model_dir, shapes_dir, tmp_path,
-        max_steps=20, learning_rate=3e-3, lr_backbone=3e-4, per_device_train_batch_size=4,
+        max_steps=40, learning_rate=3e-3, lr_backbone=3e-4, per_device_train_batch_size=4,
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
     )  # fmt: skip
     batch = collate_fn([trainer.train_dataset[i] for i in range(4)])
@@ -58,7 +59,8 @@ def test_a_few_trainer_steps_reduce_the_loss(tiny_model_dir, shapes_dir, tmp_pat
 
     before = loss()
     trainer.train()
-    assert loss() < 0.9 * before
+    after = loss()
+    assert after < 0.8 * before
 
 
 def test_optimizer_follows_the_detr_recipe(tiny_model_dir, shapes_dir, tmp_path) -> None:
@@ -122,7 +124,7 @@ def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, 
 def test_real_bccd_photos_train_evaluate_and_load(tiny_model_dir, bccd_coco_dir, tmp_path) -> None:
     out = tmp_path / "bccd-model"
     result = finetune(
-        bccd_coco_dir, 3, model=tiny_model_dir, output_dir=out, max_steps=3,
+        bccd_coco_dir, 3, model=tiny_model_dir, output_dir=out, max_steps=3, num_queries=40,
         per_device_train_batch_size=2, image_size=128, max_image_size=160,
         eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=3,
         report_to="none", disable_tqdm=True,

@@ -1,0 +1,43 @@
+"""The offline demo, run whole: it must show learning a person can see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from hf_detr_ft.demo import DEMO_CHECKPOINT, _prepare, run_demo
+from hf_detr_ft.synthetic import DEMO_CLASSES
+
+
+def test_demo_checkpoint_is_shipped_small_and_complete() -> None:
+    files = {p.name: p.stat().st_size for p in DEMO_CHECKPOINT.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files.keys()
+    assert files["model.safetensors"] < 10 * 2**20
+    config = json.loads((DEMO_CHECKPOINT / "config.json").read_text())
+    assert not set(config["id2label"].values()) & set(DEMO_CLASSES)  # pretrained on other shapes
+
+
+def test_demo_fine_tunes_and_shows_learning(tmp_path) -> None:
+    result = run_demo(tmp_path / "demo")
+    assert result.map_before < 0.05
+    assert result.map_after > result.map_before + 0.2
+    assert result.map50_after > 0.5
+    with Image.open(result.picture) as picture:
+        assert picture.format == "PNG" and picture.width > 400
+    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+
+
+def test_demo_replaces_only_its_own_output(tmp_path) -> None:
+    foreign = tmp_path / "mine"
+    (foreign / "keep.txt").parent.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not made by the demo"):
+        _prepare(foreign)
+    assert (foreign / "keep.txt").exists()
+    ours = tmp_path / "demo"
+    _prepare(ours)
+    (ours / "model").mkdir()
+    _prepare(ours)  # a second demo run starts afresh instead of resuming the finished one
+    assert not (ours / "model").exists()
