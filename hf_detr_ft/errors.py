@@ -16,3 +16,11 @@ class DatasetError(HfDetrFtError):
 
 class ModelLoadError(HfDetrFtError):
     """The starting checkpoint cannot be loaded."""
+
+
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT_CODE = 130
+
+
+class TrainingInterrupted(HfDetrFtError):
+    """Training was stopped by Ctrl-C after saving a checkpoint that it can resume from."""

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.checkpoints import missing_parts
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.evaluation import SUMMARY_METRICS
@@ -19,6 +21,21 @@ from hf_detr_ft.trainer import DetrTrainer
 from hf_detr_ft.transforms import DetrTransform
 
 REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = {
+    "single_gpu": ("NO", 1),
+    "multi_gpu": ("MULTI_GPU", 4),
+    "multi_node": ("MULTI_GPU", 8),
+    "fsdp": ("FSDP", 4),
+    "deepspeed_zero2": ("DEEPSPEED", 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_shipped_accelerate_configs_load(name: str) -> None:
+    """Each examples/accelerate config is read by accelerate's own loader as documented."""
+    config = load_config_from_file(str(REPO / "examples" / "accelerate" / f"{name}.yaml"))
+    assert (config.distributed_type.value, config.num_processes) == ACCELERATE_CONFIGS[name]
+    assert config.mixed_precision == "no" and not config.use_cpu
 
 
 def test_two_processes_train_and_evaluate_each_image_once(
@@ -44,6 +61,13 @@ def test_two_processes_train_and_evaluate_each_image_once(
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2  # 16 images / (2 processes x 4)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    # Complete, with each process's random state, and written once (by the main process).
+    assert missing_parts(out / "checkpoint-2") == []
+    assert sorted(p.name for p in out.glob("checkpoint-2/rng_state*")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
+    assert not [p for p in out.iterdir() if p.name.startswith(("tmp", ".")) or "_1." in p.name]
     distributed = json.loads((out / "metrics.json").read_text())
     assert distributed["eval_split"] == "test"
 
