@@ -9,12 +9,14 @@ the same flag on ``hf-detr-ft train`` and ``examples/train.py``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .modeling import DEFAULT_MODEL
+from .transforms import DEFAULT_MIN_SCALE
 
 
 @dataclass
@@ -70,6 +72,13 @@ class DataArguments:
     max_image_size: int = field(
         default=1333, metadata={"help": "Longest image edge after resizing."}
     )
+    min_scale: float = field(
+        default=DEFAULT_MIN_SCALE,
+        metadata={
+            "help": "Multi-scale training: the shortest edge is drawn from min_scale x "
+            "image_size to image_size (DETR: 0.6; 1 turns it off, e.g. for tiny objects)."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training images (for quick runs)."}
     )
@@ -120,12 +129,30 @@ class DetrTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the transform needs the raw columns."}
     )
+    dataloader_num_workers: int = field(
+        default_factory=lambda: default_num_workers(),
+        metadata={
+            "help": "Processes that decode and augment images (default: up to 4 with a GPU; on "
+            "a CPU a quarter of the cores, so 0 on small machines: see benchmarks/README.md)."
+        },
+    )
+    dataloader_persistent_workers: bool = field(
+        default=True,
+        metadata={"help": "Keep the data workers alive between epochs (when there are any)."},
+    )
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available,
         metadata={"help": "Pin batches in memory (default: only when CUDA is available)."},
     )
     label_names: list[str] | None = field(
         default_factory=lambda: ["labels"], metadata={"help": "Label keys."}
+    )
+    group_by_aspect_ratio: bool = field(
+        default=True,
+        metadata={
+            "help": "Batch training images of similar aspect ratio together (less padding; "
+            "see hf_detr_ft/sampler.py). Every image is still seen once per epoch."
+        },
     )
     hub_license: str | None = field(
         default="apache-2.0",
@@ -148,11 +175,24 @@ class DetrTrainingArguments(TrainingArguments):
         metadata={"help": "Stop training (instead of only warning) when that check fails."},
     )
 
+    def __post_init__(self) -> None:
+        if not self.dataloader_num_workers:
+            self.dataloader_persistent_workers = False  # needs workers (DataLoader would fail)
+        super().__post_init__()
+
     def __getstate__(self) -> dict:
         """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""
         state = self.__dict__.copy()
         state.update({key: None for key in state if key.endswith("_token")})
         return state
+
+
+def default_num_workers() -> int:
+    """Data workers by default, from benchmarks/README.md: on a CPU the model's step is so slow
+    that loading in the main process is 10x faster than it, and workers would take cores from
+    the model; a GPU leaves the cores free for decoding and augmenting."""
+    cores = os.cpu_count() or 1
+    return min(4, cores if torch.cuda.is_available() else cores // 4)
 
 
 def parse_train_args(

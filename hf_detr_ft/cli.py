@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from .errors import HfDetrFtError
+from .errors import INTERRUPTED_EXIT_CODE, HfDetrFtError, TrainingInterrupted
 
 COMMANDS = {
     "train": "fine-tune a DETR model on a COCO dataset folder (see `hf-detr-ft train --help`)",
@@ -23,6 +23,7 @@ COMMANDS = {
     "predict": "detect objects in images, folders or globs; pictures and one COCO JSON",
     "explain": "figure of the decoder's attention for the top detections of an image",
     "report": "plots of a run's losses and mAP, and sample predictions (from its output_dir)",
+    "bench": "speed vs the stock Hugging Face recipe (runs benchmarks/run.py of a checkout)",
 }
 
 
@@ -42,7 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": train, "demo": demo, "push": push}
         commands.update(inspect=inspect, convert=convert)
         commands.update(evaluate=evaluate, predict=predict, explain=explain, report=report)
+        commands.update(bench=bench)
         return commands[args.command](argv[1:])
+    except TrainingInterrupted as err:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"hf-detr-ft {args.command}: {err}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"hf-detr-ft {args.command}: interrupted.", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except (HfDetrFtError, FileExistsError) as err:
         print(f"hf-detr-ft {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -268,6 +279,21 @@ def report(argv: list[str]) -> int:
     written = write_training_report(args.output_dir, validation, num_samples=args.num_samples)
     print("Wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def bench(argv: list[str]) -> int:
+    """Run ``benchmarks/run.py`` with the same flags (it lives in the repository, not the
+    package: it needs the checkout's ``benchmarks/`` folder and the BCCD data beside it)."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise HfDetrFtError(
+            f"{script} not found: `hf-detr-ft bench` runs from a source checkout "
+            "(pip install -e '.[bench]')."
+        )
+    return subprocess.run([sys.executable, str(script), *argv]).returncode
 
 
 if __name__ == "__main__":

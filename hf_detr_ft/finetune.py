@@ -19,19 +19,19 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
 from .callbacks import TrainingSignalsCallback
+from .checkpoints import StopOnInterrupt, last_complete_checkpoint
 from .collate import collate_fn
 from .dataset import load_detection_dataset
-from .errors import DatasetError
+from .errors import DatasetError, TrainingInterrupted
 from .model_card import CardContext, ModelCardCallback, training_hyperparameters
 from .modeling import DEFAULT_MODEL, load_image_processor, load_model
 from .preflight import run_preflight
 from .report import write_training_report
 from .trainer import DetrTrainer
-from .transforms import DetrTransform
+from .transforms import AugmentationEpochCallback, DetrTransform
 from .validation import build_report
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ def run_training(
         num_queries=model_args.num_queries,
     )
 
-    train_transform = DetrTransform.for_training(image_processor)
+    train_transform = DetrTransform.for_training(
+        image_processor, seed=training_args.seed, min_scale=data_args.min_scale
+    )
     eval_transform = DetrTransform.for_evaluation(image_processor)
     train_dataset = _first(data.splits["train"], data_args.max_train_samples)
     validation = _first(data.splits["validation"], data_args.max_eval_samples)
@@ -117,6 +119,7 @@ def run_training(
             ),
         )
     )
+    interrupt = StopOnInterrupt()
     trainer = DetrTrainer(
         model=model,
         args=training_args,
@@ -124,11 +127,14 @@ def run_training(
         eval_dataset=validation.with_transform(eval_transform),
         processing_class=image_processor,
         data_collator=collate_fn,
-        callbacks=[card, signals],
+        callbacks=[card, signals, AugmentationEpochCallback(train_transform), interrupt],
     )
     card.repo_id = trainer.hub_model_id  # the full id of the repo, when pushing
 
-    train_result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(training_args))
+    with interrupt.catching_sigint():
+        train_result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(training_args))
+    if interrupt.stopped_at is not None:
+        raise TrainingInterrupted(interrupt.message(training_args.output_dir))
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
@@ -195,10 +201,10 @@ def _first(dataset: Dataset, limit: int | None) -> Dataset:
 
 
 def _checkpoint_to_resume(args: DetrTrainingArguments) -> str | None:
-    """An explicit ``resume_from_checkpoint``, else the newest checkpoint in ``output_dir``."""
+    """An explicit ``resume_from_checkpoint``, else the newest complete one in ``output_dir``."""
     if args.resume_from_checkpoint:
         return args.resume_from_checkpoint
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(args.output_dir, with_optimizer=not args.save_only_model)
     if last:
         logger.warning("Resuming from %s (use a new output_dir to start over).", last)
     return last

@@ -92,10 +92,11 @@ def _polygon(
 
 
 def _draw_shape_mask(
-    kind: str, size: int, x0: int, y0: int, image_size: int, rng: np.random.Generator
+    kind: str, size: int, x0: int, y0: int, canvas: tuple[int, int], rng: np.random.Generator
 ) -> Image.Image:
-    """Rasterize one shape of ``kind`` into an ``L`` mask, inside the square (x0, y0, size)."""
-    mask = Image.new("L", (image_size, image_size), 0)
+    """Rasterize one shape of ``kind`` into an ``L`` mask of ``canvas`` (width, height) pixels,
+    inside the square (x0, y0, size)."""
+    mask = Image.new("L", canvas, 0)
     draw = ImageDraw.Draw(mask)
     x1, y1 = x0 + size - 1, y0 + size - 1
     cx, cy = x0 + (size - 1) / 2, y0 + (size - 1) / 2
@@ -138,15 +139,15 @@ def _shape_colour(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255.0
 
 
-def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A dark background: random base colour, a faint linear gradient and pixel noise."""
     base = rng.uniform(0, 70, size=3)
     direction = rng.uniform(0, 2 * math.pi)
-    ramp = np.linspace(-1.0, 1.0, image_size)
-    grad = math.cos(direction) * ramp[None, :] + math.sin(direction) * ramp[:, None]
+    x_ramp, y_ramp = np.linspace(-1.0, 1.0, width), np.linspace(-1.0, 1.0, height)
+    grad = math.cos(direction) * x_ramp[None, :] + math.sin(direction) * y_ramp[:, None]
     strength = rng.uniform(0, 20, size=3)
     img = base[None, None, :] + grad[:, :, None] * strength[None, None, :]
-    img = img + rng.normal(0.0, 6.0, size=(image_size, image_size, 3))
+    img = img + rng.normal(0.0, 6.0, size=(height, width, 3))
     return img
 
 
@@ -173,6 +174,7 @@ def render_shapes_image(
     max_objects: int = 3,
     min_size: int = 16,
     max_size: int = 40,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, list[tuple[int, list[float]]]]:
     """Draw one image of 1..N shapes picked from ``classes``.
 
@@ -185,6 +187,7 @@ def render_shapes_image(
         max_objects: most objects to place.
         min_size: smallest side of a shape's bounding square in pixels.
         max_size: largest side of a shape's bounding square in pixels.
+        shape: ``(width, height)`` of a non-square image (then ``image_size`` is ignored).
 
     Returns:
         The RGB image and a list of ``(class_index, [x, y, w, h])``: tight pixel boxes (COCO
@@ -199,10 +202,11 @@ def render_shapes_image(
         raise ValueError(f"unknown shape kinds {unknown}; expected a subset of {SHAPES}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError("need 1 <= min_objects <= max_objects")
-    if not 3 <= min_size <= max_size <= image_size:
-        raise ValueError("need 3 <= min_size <= max_size <= image_size")
+    width, height = shape or (image_size, image_size)
+    if not 3 <= min_size <= max_size <= min(width, height):
+        raise ValueError("need 3 <= min_size <= max_size <= the image's shorter side")
 
-    pixels = _background(rng, image_size)
+    pixels = _background(rng, width, height)
     n_objects = int(rng.integers(min_objects, max_objects + 1))
     objects: list[tuple[int, list[float]]] = []
     placed: list[list[float]] = []
@@ -211,13 +215,13 @@ def render_shapes_image(
         kind = classes[cls]
         for _try in range(_PLACEMENT_TRIES):
             size = int(rng.integers(min_size, max_size + 1))
-            x0 = int(rng.integers(0, image_size - size + 1))
-            y0 = int(rng.integers(0, image_size - size + 1))
+            x0 = int(rng.integers(0, width - size + 1))
+            y0 = int(rng.integers(0, height - size + 1))
             if _overlap_ok([x0, y0, size, size], placed):
                 break
         else:
             continue  # no room left for another object
-        mask = np.asarray(_draw_shape_mask(kind, size, x0, y0, image_size, rng)) > 0
+        mask = np.asarray(_draw_shape_mask(kind, size, x0, y0, (width, height), rng)) > 0
         ys, xs = np.nonzero(mask)
         box = [
             float(xs.min()),
@@ -251,6 +255,7 @@ def make_shapes_dataset(
     max_size: int = 40,
     seed: int = 0,
     super_category: str = "shapes",
+    image_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Write a synthetic shapes data set as a Roboflow-style COCO export.
 
@@ -270,6 +275,8 @@ def make_shapes_dataset(
         seed: base seed; each split uses its own stream derived from the seed and its name.
         super_category: name of the Roboflow placeholder category and the supercategory of
             every class.
+        image_shapes: ``(width, height)`` sizes used in turn, for images of mixed aspect
+            ratios (default: all ``image_size`` squares).
 
     Returns:
         ``Path(output_dir)``.
@@ -288,6 +295,7 @@ def make_shapes_dataset(
         images: list[dict[str, object]] = []
         annotations: list[dict[str, object]] = []
         for image_id in range(count):
+            shape = image_shapes[image_id % len(image_shapes)] if image_shapes else None
             image, objects = render_shapes_image(
                 rng,
                 classes,
@@ -296,11 +304,17 @@ def make_shapes_dataset(
                 max_objects=max_objects,
                 min_size=min_size,
                 max_size=max_size,
+                shape=shape,
             )
             file_name = f"{split}_{image_id:05d}.png"
             image.save(split_dir / file_name, format="PNG")
             images.append(
-                {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": image.width,
+                    "height": image.height,
+                }
             )
             for cls, box in objects:
                 annotations.append(

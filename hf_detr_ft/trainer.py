@@ -7,11 +7,17 @@
   the checkpoint format's key names, which the Trainer's raw ``load_state_dict`` does not map
   back, so it would silently keep the current weights. Weights are loaded through
   ``from_pretrained``, which applies the key mapping.
+* Checkpoints: a kill while saving never leaves a checkpoint that looks complete, and
+  evaluation does not move the random state, so resumed runs continue exactly (see
+  :mod:`hf_detr_ft.checkpoints`).
 * Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
   count in transformers 5).
 * Hub: the repo is created and the final push made through :mod:`hf_detr_ft.hub` (clear
   errors, only the files a model repo needs, the card of ``ModelCardCallback`` kept); the
   Trainer's own checkpoint pushes (``hub_strategy``) are unchanged.
+* Training batches: with ``group_by_aspect_ratio`` (the default) each batch holds images of
+  similar aspect ratio (:mod:`hf_detr_ft.sampler`), so padding to the batch's largest image
+  wastes few pixels; accelerate still deals whole batches to the processes.
 * Evaluation: each batch is post-processed right away and fed to a
   :class:`~hf_detr_ft.evaluation.CocoEvaluator`; the Trainer's own loop still prepares the
   model (DDP, FSDP, DeepSpeed) and averages the loss. Metrics: ``eval_loss``, DETR's loss terms
@@ -31,17 +37,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate.utils import gather_object
 from torch import nn
 from transformers import PretrainedConfig, Trainer
 from transformers.loss.loss_for_object_detection import HungarianMatcher
-from transformers.trainer_utils import EvalLoopOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .checkpoints import discard_checkpoint, random_state_kept
 from .compat import fix_object_detection_loss_normalisation
 from .evaluation import CocoEvaluator
 from .hub import create_hub_repo, push_output_dir
+from .sampler import AspectRatioGroupedSampler
 
 fix_object_detection_loss_normalisation()
 
@@ -109,6 +118,24 @@ class DetrTrainer(Trainer):
         self._eval_loss_terms: dict[str, float] = defaultdict(float)
         self._train_signals: dict[str, float] = defaultdict(float)
 
+    def _get_train_sampler(
+        self, train_dataset: datasets.Dataset | None = None
+    ) -> torch.utils.data.Sampler | None:
+        """Aspect-ratio grouped order when asked for and the data has width/height columns."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not (
+            getattr(self.args, "group_by_aspect_ratio", False)
+            and self.args.train_sampling_strategy == "random"
+            and isinstance(dataset, datasets.Dataset)
+            and {"width", "height"} <= set(dataset.column_names)
+        ):
+            return super()._get_train_sampler(train_dataset)
+        sizes = dataset.with_format(None).select_columns(["width", "height"])
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        return AspectRatioGroupedSampler(
+            sizes["width"], sizes["height"], self._train_batch_size, seed=seed
+        )
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
             return self.optimizer
@@ -136,6 +163,21 @@ class DetrTrainer(Trainer):
     ) -> None:
         if not self._load_saved_weights(resume_from_checkpoint, model or self.model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's save, into a folder cleared of any earlier save of the same step."""
+        folder = os.path.join(
+            self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if self.args.should_save and os.path.isdir(folder):
+            discard_checkpoint(folder)  # e.g. a save of this step killed before the resume
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Save, then wait: trainer_state.json comes next and must mean "every file written"."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
     def _load_best_model(self) -> None:
         if not self._load_saved_weights(self.state.best_model_checkpoint, self.model_wrapped):
@@ -202,9 +244,10 @@ class DetrTrainer(Trainer):
         self._evaluator = CocoEvaluator.from_dataset(dataloader.dataset)
         self._eval_loss_terms = defaultdict(float)
         try:
-            output = super().evaluation_loop(
-                dataloader, description, True, ignore_keys, metric_key_prefix
-            )
+            with random_state_kept():
+                output = super().evaluation_loop(
+                    dataloader, description, True, ignore_keys, metric_key_prefix
+                )
             metrics = {
                 **self._gather_loss_terms(self._eval_loss_terms),
                 **self._evaluator.compute(),

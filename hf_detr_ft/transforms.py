@@ -13,19 +13,36 @@ batch that the data loader reads, so nothing is precomputed or cached on disk. P
 
 Images are not padded here; :func:`hf_detr_ft.collate.collate_fn` pads each batch to its
 largest image, so boxes stay normalised to the image itself as in the original DETR.
+
+The random choices for an image (flip, crop, jitter, scale) depend only on the transform's
+``seed``, the epoch (:meth:`DetrTransform.set_epoch`, called by :class:`AugmentationEpochCallback`)
+and the image id, never on a global random state. A run resumed mid-epoch therefore augments
+each remaining image exactly as the uninterrupted run did, although the data loader reads
+batches ahead of the step whose random state a checkpoint saves, and the number of
+DataLoader workers or processes does not change the augmentations.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
 import numpy as np
-from transformers import DetrImageProcessor
+from transformers import (
+    DetrImageProcessor,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-TRAIN_SCALE_FACTORS = (0.6, 0.7, 0.8, 0.9, 1.0)
+logger = logging.getLogger(__name__)
+
+#: DETR's multi-scale training draws the shortest edge from 60 % to 100 % of the eval size.
+DEFAULT_MIN_SCALE = 0.6
 
 
 def train_augmentation() -> A.Compose:
@@ -42,9 +59,12 @@ def train_augmentation() -> A.Compose:
     )
 
 
-def train_scales(image_size: int) -> list[int]:
-    """Shortest-edge sizes for multi-scale training: 60 % to 100 % of ``image_size``."""
-    return sorted({max(16, round(image_size * f)) for f in TRAIN_SCALE_FACTORS})
+def train_scales(image_size: int, min_scale: float = DEFAULT_MIN_SCALE) -> list[int]:
+    """Shortest-edge sizes for multi-scale training, in steps of 10 % from ``min_scale`` to 1."""
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}.")
+    factors = np.append(np.arange(1.0, min_scale - 1e-9, -0.1), min_scale)
+    return sorted({max(16, round(image_size * f)) for f in factors})
 
 
 class DetrTransform:
@@ -56,28 +76,38 @@ class DetrTransform:
         *,
         augmentation: A.Compose | None = None,
         scales: Sequence[int] | None = None,
+        seed: int = 0,
     ) -> None:
         self.image_processor = image_processor
         self.augmentation = augmentation
         self.scales = list(scales) if scales else None
+        self.seed = seed
+        self.epoch = 0
 
     @classmethod
-    def for_training(cls, image_processor: DetrImageProcessor) -> DetrTransform:
+    def for_training(
+        cls,
+        image_processor: DetrImageProcessor,
+        seed: int = 0,
+        min_scale: float = DEFAULT_MIN_SCALE,
+    ) -> DetrTransform:
         shortest_edge = image_processor.size["shortest_edge"]
         return cls(
-            image_processor, augmentation=train_augmentation(), scales=train_scales(shortest_edge)
+            image_processor,
+            augmentation=train_augmentation(),
+            scales=train_scales(shortest_edge, min_scale),
+            seed=seed,
         )
 
     @classmethod
     def for_evaluation(cls, image_processor: DetrImageProcessor) -> DetrTransform:
         return cls(image_processor)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new augmentations: each epoch sees every image augmented differently."""
+        self.epoch = epoch
+
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if self.augmentation is not None:
-            # Draw albumentations' randomness from Python's `random`, which the Trainer seeds
-            # and each DataLoader worker re-seeds differently: runs are reproducible and
-            # workers do not repeat each other's augmentations.
-            self.augmentation.set_random_seed(random.getrandbits(32))
         pixel_values, labels = [], []
         for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
             encoded = self.encode(np.array(image), image_id, objects)
@@ -89,7 +119,10 @@ class DetrTransform:
         """Augment (if training) and process one RGB image with its objects."""
         boxes, categories, crowd = objects["bbox"], objects["category"], objects["iscrowd"]
         areas = objects["area"]
+        # str seeds are hashed with SHA-512: the same in every process, whatever PYTHONHASHSEED.
+        rng = random.Random(f"{self.seed}-{self.epoch}-{image_id}")
         if self.augmentation is not None:
+            self.augmentation.set_random_seed(rng.getrandbits(32))
             out = self.augmentation(image=image, bboxes=boxes, category=categories, iscrowd=crowd)
             image, boxes = out["image"], out["bboxes"]
             categories, crowd = out["category"], out["iscrowd"]
@@ -109,7 +142,33 @@ class DetrTransform:
         options = {}
         if self.scales:
             longest = self.image_processor.size["longest_edge"]
-            options["size"] = {"shortest_edge": random.choice(self.scales), "longest_edge": longest}
+            options["size"] = {"shortest_edge": rng.choice(self.scales), "longest_edge": longest}
         return self.image_processor(
             images=image, annotations=annotation, do_pad=False, return_tensors="pt", **options
         )
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tell the training transform which epoch starts (also the resumed one), before any batch.
+
+    The data loader's workers receive a copy of the transform when an epoch's iteration begins,
+    which is after ``on_epoch_begin``; persistent workers keep their first copy, so with
+    ``dataloader_persistent_workers`` every epoch would repeat the first one's augmentations.
+    """
+
+    def __init__(self, transform: DetrTransform) -> None:
+        self.transform = transform
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            logger.warning(
+                "dataloader_persistent_workers: the workers keep the first epoch's transform, "
+                "so every epoch repeats its augmentations; turn it off for new ones each epoch."
+            )
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.transform.set_epoch(int(state.epoch or 0))

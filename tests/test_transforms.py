@@ -62,6 +62,17 @@ def test_train_transform_keeps_boxes_valid(bccd_train, processor) -> None:
         assert min(item["pixel_values"].shape[-2:]) in scales
 
 
+def test_min_scale_sets_the_multi_scale_range(bccd_train, processor) -> None:
+    assert train_scales(800) == [480, 560, 640, 720, 800]  # DETR's range
+    assert train_scales(800, min_scale=0.8) == [640, 720, 800]
+    fixed = DetrTransform.for_training(processor, min_scale=1.0)
+    assert fixed.scales == [96]
+    for i in range(3):
+        assert min(bccd_train.with_transform(fixed)[i]["pixel_values"].shape[-2:]) == 96
+    with pytest.raises(ValueError, match="min_scale"):
+        train_scales(800, min_scale=0)
+
+
 def test_collate_pads_to_largest_image_not_a_square() -> None:
     tall = {"pixel_values": torch.ones(3, 40, 20), "labels": {"id": 1}}
     wide = {"pixel_values": torch.full((3, 16, 30), 2.0), "labels": {"id": 2}}
@@ -75,11 +86,14 @@ def test_collate_pads_to_largest_image_not_a_square() -> None:
 
 
 def test_training_augmentation_is_reproducible_from_the_seed(bccd_train, processor) -> None:
-    def run(seed: int) -> list[torch.Tensor]:
-        random.seed(seed)
-        transformed = bccd_train.with_transform(DetrTransform.for_training(processor))
+    def run(seed: int, epoch: int = 0) -> list[torch.Tensor]:
+        random.seed(seed + 1)  # the global random state plays no part
+        transform = DetrTransform.for_training(processor, seed=seed)
+        transform.set_epoch(epoch)
+        transformed = bccd_train.with_transform(transform)
         return [transformed[i]["labels"]["boxes"] for i in (0, 1, 0)]
 
-    first, again, other = run(7), run(7), run(8)
+    first, again = run(7), run(7)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other))
+    for other in (run(8), run(7, epoch=1)):
+        assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other))

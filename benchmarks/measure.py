@@ -1,0 +1,74 @@
+"""Timing and memory helpers: medians of step times after warm-up, peak resident memory."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each Trainer step (data loading included), end to end."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.start = 0.0
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+    def durations(self, warmup: int) -> list[float]:
+        """Step times after the first ``warmup`` steps."""
+        times = [self.start, *self.ends]
+        return [b - a for a, b in zip(times, times[1:])][warmup:]
+
+
+def images_per_second(durations: list[float], batch_size: int) -> float:
+    """Images per second at the median step time."""
+    return batch_size / statistics.median(durations)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the ``with`` block runs (sampled every 5 ms)."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def growth_mb(self) -> float:
+        """How far the peak rose above the memory in use when the block started."""
+        return (self.peak - self.start) / 2**20
+
+
+def padded_fraction(pixel_mask: torch.Tensor) -> float:
+    """Share of a batch's pixels that are padding (``pixel_mask`` 0)."""
+    return 1.0 - float(pixel_mask.float().mean())

@@ -1,0 +1,218 @@
+"""hf-detr-ft vs the stock Hugging Face recipe, side by side: ``python benchmarks/run.py``.
+
+Sections (each prints rows of the table and fills the JSON written to ``--output``):
+train throughput and padding, data pipeline throughput, evaluation time and memory, batched
+predict vs the per-image pipeline. Times are medians over steps after warm-up. See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from measure import PeakRSS, StepTimer, images_per_second, padded_fraction  # noqa: E402
+from stock import (  # noqa: E402
+    StockTransform,
+    stock_arguments,
+    stock_compute_metrics,
+    stock_processor,
+    stock_trainer,
+)  # fmt: skip
+from workloads import (  # noqa: E402
+    BCCD,
+    bccd_images,
+    mixed_aspect_images,
+    our_trainer,
+    save_random_model,
+)  # fmt: skip
+
+from hf_detr_ft.collate import collate_fn  # noqa: E402
+from hf_detr_ft.transforms import DetrTransform  # noqa: E402
+
+CAP, BATCH = 600, 2
+#: Per mode: training images per dataset, evaluation set sizes, predicted images, pipeline
+#: batches. ``smoke`` only checks that everything runs (the test suite uses it).
+SIZES = {
+    "full": {"train": 64, "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "steps": 10},
+    "quick": {"train": 16, "eval": [20, 50], "predict": 8, "pipeline": 4, "steps": 3},
+    "smoke": {"train": 4, "eval": [4], "predict": 2, "pipeline": 1, "steps": 1},
+}
+
+
+def train_section(name: str, dataset, kind: str, steps: int, work: Path) -> dict[str, Any]:
+    """Train images/s, padded share and peak RSS of ours and the stock recipe."""
+    names = dataset.features["objects"]["category"].feature.names
+    model_dir = save_random_model(kind, names, work / f"model-{kind}-{len(names)}")
+    warmup = 1
+    run = dict(max_steps=warmup + steps, per_device_train_batch_size=BATCH)
+    ours = our_trainer(model_dir, dataset, CAP, work / "ours", **run)
+    stock = _stock_train_trainer(model_dir, dataset, work / "stock", **run)
+    row = {}
+    for side, trainer in (("ours", ours), ("stock", stock)):
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        batches = [b for b, _ in zip(trainer.get_train_dataloader(), range(8))]
+        with PeakRSS() as memory:
+            trainer.train()
+        row[side] = {
+            "images_per_s": images_per_second(timer.durations(warmup), BATCH),
+            "padded_fraction": statistics.mean(padded_fraction(b["pixel_mask"]) for b in batches),
+            "peak_rss_mb": memory.peak_mb,
+        }
+    row["speedup"] = row["ours"]["images_per_s"] / row["stock"]["images_per_s"]
+    _print(f"train {kind} {name}", row, "images_per_s", "padded_fraction", "peak_rss_mb")
+    return row
+
+
+def _stock_train_trainer(model_dir: Path, dataset, output_dir: Path, **args: Any):
+    from transformers import AutoModelForObjectDetection
+
+    processor = stock_processor(CAP)
+    return stock_trainer(
+        AutoModelForObjectDetection.from_pretrained(model_dir),
+        stock_arguments(str(output_dir), **args),
+        train=dataset.with_transform(StockTransform(processor)),
+        processing_class=processor,
+    )
+
+
+def pipeline_section(dataset, batches: int, model_rates: dict[str, float]) -> dict[str, Any]:
+    """Images/s of dataset + augmentation + processor + collate, no model, by worker count."""
+    from hf_detr_ft.modeling import load_image_processor
+
+    processor = load_image_processor("none-such", image_size=CAP, max_image_size=CAP)
+    data = dataset.with_transform(DetrTransform.for_training(processor))
+    result: dict[str, Any] = {"model_images_per_s": model_rates}
+    for workers in sorted({0, 1, min(os.cpu_count() or 1, 4)}):
+        loader = DataLoader(data, batch_size=BATCH, collate_fn=collate_fn, num_workers=workers)
+        iterator = iter(loader)
+        next(iterator)  # workers started, first batch decoded
+        start = time.perf_counter()
+        count = sum(len(b["labels"]) for b, _ in zip(iterator, range(batches)))
+        rate = count / (time.perf_counter() - start)
+        result[f"workers_{workers}"] = {"images_per_s": rate, "per_worker": rate / max(workers, 1)}
+        print(f"pipeline workers={workers}: {rate:7.1f} images/s")
+    return result
+
+
+def eval_section(counts: list[int], work: Path) -> dict[str, Any]:
+    """Evaluation wall time and peak memory growth, ours (streamed) vs gather-everything."""
+    result = {}
+    for count in counts:
+        dataset = mixed_aspect_images(work / "eval-data", count, seed=1)
+        names = dataset.features["objects"]["category"].feature.names
+        model_dir = save_random_model("tiny", names, work / f"model-tiny-{len(names)}")
+        ours = our_trainer(model_dir, dataset, CAP, work / "ours", per_device_eval_batch_size=8)
+        stock = _stock_eval_trainer(model_dir, dataset, work / "stock")
+        row = {}
+        for side, trainer in (("ours", ours), ("stock", stock)):
+            start = time.perf_counter()
+            with PeakRSS() as memory:
+                metrics = trainer.evaluate()
+            row[side] = {
+                "seconds": time.perf_counter() - start,
+                "peak_growth_mb": memory.growth_mb,
+                "map": metrics.get("eval_map", -1.0),
+            }
+        row["speedup"] = row["stock"]["seconds"] / row["ours"]["seconds"]
+        result[str(count)] = row
+        _print(f"eval {count} images", row, "seconds", "peak_growth_mb")
+    return result
+
+
+def _stock_eval_trainer(model_dir: Path, dataset, output_dir: Path):
+    from transformers import AutoModelForObjectDetection
+
+    processor = stock_processor(CAP)
+    return stock_trainer(
+        AutoModelForObjectDetection.from_pretrained(model_dir),
+        stock_arguments(str(output_dir), per_device_eval_batch_size=8),
+        evaluation=dataset.with_transform(StockTransform(processor)),
+        compute_metrics=stock_compute_metrics(processor, dataset),
+    )
+
+
+def predict_section(count: int, work: Path) -> dict[str, Any]:
+    """Batched ``predict`` vs ``pipeline("object-detection")`` called image by image."""
+    from transformers import DetrImageProcessor, pipeline
+
+    from hf_detr_ft.predict import predict
+
+    files = sorted((BCCD / "JPEGImages").glob("*.jpg"))[:count]
+    model_dir = save_random_model("tiny", ["RBC", "WBC", "Platelets"], work / "model-predict")
+    size = {"shortest_edge": CAP, "longest_edge": CAP}
+    DetrImageProcessor(size=size).save_pretrained(model_dir)
+    start = time.perf_counter()
+    predict(model_dir, files, threshold=0.5, batch_size=8, device="cpu")
+    ours = count / (time.perf_counter() - start)
+    detector = pipeline("object-detection", model=str(model_dir), device="cpu")
+    start = time.perf_counter()
+    for path in files:
+        detector(str(path), threshold=0.5)
+    stock = count / (time.perf_counter() - start)
+    row = {"ours": {"images_per_s": ours}, "stock": {"images_per_s": stock}}
+    row["speedup"] = ours / stock
+    _print("predict tiny BCCD", row, "images_per_s")
+    return row
+
+
+def _print(label: str, row: dict[str, Any], *keys: str) -> None:
+    cells = "  ".join(f"{key} {row['ours'][key]:9.3f} vs {row['stock'][key]:9.3f}" for key in keys)
+    print(f"{label:<28} {cells}  ratio {row['speedup']:.2f}x", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts (< 5 min, 2 cores)")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts: checks it all runs")
+    parser.add_argument("--steps", type=int, help="timed training steps after 1 warm-up step")
+    parser.add_argument("--models", default="tiny,r50", help="comma-separated: tiny, r50")
+    parser.add_argument("--output", default="benchmarks/results.json", help="JSON written here")
+    args = parser.parse_args(argv)
+    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    steps = args.steps or sizes["steps"]
+    models = args.models.split(",")
+    quick = args.quick or args.smoke
+    settings = {"steps": steps, "cap": CAP, "batch": BATCH, "threads": torch.get_num_threads()}
+    results: dict[str, Any] = {"settings": {**vars(args), **settings}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        datasets = {
+            "bccd": bccd_images(sizes["train"]),
+            "mixed": mixed_aspect_images(work / "train-data", sizes["train"]),
+        }
+        train = results["train"] = {}
+        for kind in models:
+            for name, dataset in datasets.items():
+                if kind == "r50" and quick and name != "bccd":
+                    continue  # R50 steps take tens of seconds on 2 CPU cores
+                r50_steps = min(steps, 1 if quick else 3)
+                train[f"{kind}/{name}"] = train_section(
+                    name, dataset, kind, r50_steps if kind == "r50" else steps, work
+                )
+        rates = {k: v["ours"]["images_per_s"] for k, v in train.items()}
+        results["pipeline"] = pipeline_section(datasets["bccd"], sizes["pipeline"], rates)
+        results["eval"] = eval_section(sizes["eval"], work)
+        results["predict"] = predict_section(sizes["predict"], work)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"Wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What the benchmark runs on: the datasets (BCCD photos, a generated mixed-aspect set), the
+models (the tests' tiny DETR, DETR-R50 random init) and our side of each comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.collate import collate_fn
+from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.modeling import load_image_processor, load_model
+from hf_detr_ft.synthetic import make_shapes_dataset
+from hf_detr_ft.trainer import DetrTrainer
+from hf_detr_ft.transforms import DetrTransform
+
+REPO = Path(__file__).resolve().parents[1]
+BCCD = REPO.parent / "shared" / "datasets" / "bccd"
+#: (width, height): portrait, landscape and panorama photos as phones and drones take them.
+MIXED_SHAPES = [(480, 640), (640, 480), (1200, 300), (360, 640), (640, 360), (1000, 250)]
+
+
+def bccd_images(limit: int) -> Dataset:
+    """The first ``limit`` BCCD training photos (640x480 blood smears, Pascal VOC)."""
+    data = load_detection_dataset(BCCD, dataset_format="voc", validation_fraction=0)
+    train = data.splits["train"]
+    return train.select(range(min(limit, len(train))))
+
+
+def mixed_aspect_images(root: Path, count: int, seed: int = 0) -> Dataset:
+    """``count`` generated shape images cycling through :data:`MIXED_SHAPES`."""
+    folder = make_shapes_dataset(
+        root / f"mixed-{count}", splits={"train": count}, image_shapes=MIXED_SHAPES,
+        min_size=24, max_size=96, max_objects=6, seed=seed,
+    )  # fmt: skip
+    return load_detection_dataset(folder, validation_fraction=0).splits["train"]
+
+
+def model_config(kind: str, num_labels: int) -> DetrConfig:
+    """``tiny``: the tests' ~0.3 M-parameter DETR; ``r50``: ``DetrConfig()`` (DETR-R50)."""
+    if kind == "r50":
+        return DetrConfig(num_labels=num_labels)
+    backbone = ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+        layer_type="basic", out_features=["stage4"],
+    )  # fmt: skip
+    return DetrConfig(
+        backbone_config=backbone, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+        decoder_attention_heads=2, num_queries=10, num_labels=num_labels,
+    )  # fmt: skip
+
+
+def save_random_model(kind: str, class_names: list[str], folder: Path) -> Path:
+    """A randomly initialised model saved once, so that both recipes start from the same one."""
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        config = model_config(kind, len(class_names))
+        config.id2label = dict(enumerate(class_names))
+        config.label2id = {name: i for i, name in config.id2label.items()}
+        DetrForObjectDetection(config).save_pretrained(folder)
+    return folder
+
+
+def our_trainer(
+    model_dir: Path, dataset: Dataset, cap: int, output_dir: Path, **args: Any
+) -> DetrTrainer:
+    """hf-detr-ft's Trainer on ``dataset`` (training and evaluation, no augmentation), its
+    processor at the same longest-edge cap as the stock one."""
+    processor = load_image_processor(model_dir, image_size=cap, max_image_size=cap)
+    names = dataset.features["objects"]["category"].feature.names
+    data = dataset.with_transform(DetrTransform.for_evaluation(processor))
+    settings = dict(
+        output_dir=str(output_dir), report_to="none", disable_tqdm=True, save_strategy="no",
+        eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,
+        use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+    return DetrTrainer(
+        model=load_model(model_dir, names),
+        args=DetrTrainingArguments(**{**settings, **args}),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=processor,
+        data_collator=collate_fn,
+    )

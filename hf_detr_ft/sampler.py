@@ -1,0 +1,95 @@
+"""Aspect-ratio grouped batching: batches of images of similar shape, so little is padded.
+
+:func:`hf_detr_ft.collate.collate_fn` pads each batch to its largest image. A portrait photo
+batched with a panorama is padded to a near-square of mostly zeros, which costs compute in
+the backbone and the encoder for nothing. As torchvision's detection references
+(``group_by_aspect_ratio.py``) and detectron2 do, images are put in aspect-ratio bins and each
+batch is drawn from one bin.
+
+Unlike torchvision's ``GroupedBatchSampler`` (which repeats images to fill the last batch of
+each bin), :class:`AspectRatioGroupedSampler` yields every index exactly once per epoch: the
+leftovers of the bins (fewer than a batch each) are sorted by aspect ratio and batched
+together at the end. It is an ordinary index sampler whose order, cut into consecutive chunks
+of ``batch_size``, gives the grouped batches; so the Trainer's ``BatchSampler`` and
+accelerate's ``BatchSamplerShard`` (which deals whole batches round-robin to the processes)
+keep every batch intact. The order depends only on ``seed`` and the epoch, so every process
+computes the same one, as that sharding requires.
+
+Aspect ratios come from the dataset's ``width`` and ``height`` columns: no image is decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+#: Bins per side of square (torchvision's ``k``): edges at 2 ** linspace(-1, 1, 2k + 1).
+ASPECT_BINS_PER_SIDE = 3
+
+
+def aspect_ratio_groups(
+    widths: Sequence[float], heights: Sequence[float], k: int = ASPECT_BINS_PER_SIDE
+) -> np.ndarray:
+    """The bin of each image's width / height, with torchvision's log-spaced bin edges.
+
+    With ``k=3`` the edges run from 1:2 to 2:1; portraits taller than 1:2 and panoramas wider
+    than 2:1 get the two outer bins.
+    """
+    ratios = np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
+    edges = 2.0 ** np.linspace(-1, 1, 2 * k + 1)
+    return np.digitize(ratios, edges)
+
+
+class AspectRatioGroupedSampler(Sampler[int]):
+    """Indices in an order whose consecutive ``batch_size`` chunks share an aspect-ratio bin.
+
+    Call :meth:`set_epoch` (the Trainer and accelerate do) for a new order each epoch.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[float],
+        heights: Sequence[float],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        k: int = ASPECT_BINS_PER_SIDE,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if len(widths) != len(heights):
+            raise ValueError(f"{len(widths)} widths but {len(heights)} heights.")
+        self.ratios = np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
+        self.groups = aspect_ratio_groups(widths, heights, k)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches: full single-bin batches in random order, then the mixed rest."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.groups))
+        full, leftovers = [], []
+        for group in np.unique(self.groups):
+            members = order[self.groups[order] == group]
+            cut = len(members) - len(members) % self.batch_size
+            full += [members[i : i + self.batch_size] for i in range(0, cut, self.batch_size)]
+            leftovers += list(members[cut:])
+        leftovers.sort(key=lambda index: self.ratios[index])
+        rest = [
+            leftovers[i : i + self.batch_size] for i in range(0, len(leftovers), self.batch_size)
+        ]
+        shuffled = [full[i] for i in rng.permutation(len(full))]
+        return [[int(i) for i in batch] for batch in shuffled + rest]

@@ -1,0 +1,41 @@
+"""The benchmark script runs end to end (smallest mode) and writes the JSON the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BCCD
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_run_writes_its_json(tmp_path) -> None:
+    if not BCCD.is_dir():
+        pytest.skip(f"real data not found at {BCCD}")
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--steps", "1",
+        "--models", "tiny", "--output", str(output),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())
+
+    assert set(results["train"]) == {"tiny/bccd", "tiny/mixed"}
+    for row in results["train"].values():
+        for side in ("ours", "stock"):
+            assert row[side]["images_per_s"] > 0 and row[side]["peak_rss_mb"] > 0
+            assert 0 <= row[side]["padded_fraction"] < 1
+        assert row["speedup"] > 0
+    # the stock recipe pads 640x480 photos to 600x600 squares: 25 % padding
+    assert results["train"]["tiny/bccd"]["stock"]["padded_fraction"] == pytest.approx(0.25)
+    assert results["train"]["tiny/bccd"]["ours"]["padded_fraction"] == 0
+    assert results["pipeline"]["workers_0"]["images_per_s"] > 0
+    for row in [*results["eval"].values(), results["predict"]]:
+        assert row["speedup"] > 0
+    assert all(row["ours"]["seconds"] > 0 for row in results["eval"].values())
+    assert results["predict"]["stock"]["images_per_s"] > 0
