@@ -136,10 +136,6 @@ class DetrTrainingArguments(TrainingArguments):
             "a CPU a quarter of the cores, so 0 on small machines: see benchmarks/README.md)."
         },
     )
-    dataloader_persistent_workers: bool = field(
-        default=True,
-        metadata={"help": "Keep the data workers alive between epochs (when there are any)."},
-    )
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available,
         metadata={"help": "Pin batches in memory (default: only when CUDA is available)."},
@@ -174,11 +170,6 @@ class DetrTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Stop training (instead of only warning) when that check fails."},
     )
-
-    def __post_init__(self) -> None:
-        if not self.dataloader_num_workers:
-            self.dataloader_persistent_workers = False  # needs workers (DataLoader would fail)
-        super().__post_init__()
 
     def __getstate__(self) -> dict:
         """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""

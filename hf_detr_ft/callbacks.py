@@ -25,13 +25,11 @@ import math
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import reduce
 from torch import nn
 from torch.nn.utils import get_total_norm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import last_complete_checkpoint, on_any_process
 from .errors import HfDetrFtError
 from .preflight import PREFLIGHT_REPORT, effective_batch_size
 
@@ -133,7 +131,7 @@ class TrainingSignalsCallback(TrainerCallback):
         # fp16's gradient scaler skips overflowing steps itself; allow it a few in a row.
         allowed = FP16_OVERFLOW_STEPS if args.fp16 else 0
         weights_ok = model is None or _finite(model.parameters())
-        if not _on_any_process(self._bad_streak > allowed or not weights_ok):
+        if not on_any_process(self._bad_streak > allowed or not weights_ok):
             return
         if bad_loss is not None:
             what = f"the loss became {bad_loss}"
@@ -196,14 +194,6 @@ def _finite(parameters: Any) -> bool:
     return not tensors or bool(torch.isfinite(get_total_norm(tensors, norm_type=math.inf)))
 
 
-def _on_any_process(flag: bool) -> bool:
-    """``flag`` of any process, so every process stops at the same step (no hanging)."""
-    state = PartialState()
-    if state.num_processes == 1:
-        return flag
-    return bool(reduce(torch.tensor([float(flag)], device=state.device), reduction="sum") > 0)
-
-
 def _recipe(args: TrainingArguments) -> str:
     lr_backbone = getattr(args, "lr_backbone", args.learning_rate)
     return (
@@ -213,7 +203,7 @@ def _recipe(args: TrainingArguments) -> str:
 
 
 def _divergence_message(args: TrainingArguments, state: TrainerState, what: str, step: int) -> str:
-    last_good = get_last_checkpoint(args.output_dir) if args.output_dir else None
+    last_good = last_complete_checkpoint(args.output_dir) if args.output_dir else None
     if last_good:
         saved = (
             f"The last good checkpoint is {last_good}: load it with from_pretrained, or start a "

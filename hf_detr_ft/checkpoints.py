@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
@@ -40,8 +42,6 @@ from transformers.utils import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
 )
-
-from .callbacks import _on_any_process
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,14 @@ def random_state_kept() -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=devices)
 
 
+def on_any_process(flag: bool) -> bool:
+    """``flag`` of any process, so every process stops at the same step (no hanging)."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return flag
+    return bool(reduce(torch.tensor([float(flag)], device=state.device), reduction="sum") > 0)
+
+
 def _readable_json(path: Path) -> bool:
     try:
         json.loads(path.read_text())
@@ -154,7 +162,7 @@ class StopOnInterrupt(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if _on_any_process(self.requested):
+        if on_any_process(self.requested):
             self.stopped_at = state.global_step
             control.should_training_stop = True
             # At an epoch's last step, save after the epoch's evaluation (on_epoch_end).

@@ -23,8 +23,8 @@ import httpx2
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import last_complete_checkpoint
 from .errors import HfDetrFtError
 from .model_card import CARD_FILE
 
@@ -63,7 +63,7 @@ def push_output_dir(
         )
     if not (output_dir / CARD_FILE).is_file():
         logger.warning("%s has no %s: the repo will have no model card.", output_dir, CARD_FILE)
-    checkpoint = get_last_checkpoint(str(output_dir)) if include_checkpoint else None
+    checkpoint = last_complete_checkpoint(output_dir) if include_checkpoint else None
     if include_checkpoint and checkpoint is None:
         raise HubError(f"include_checkpoint was asked, but {output_dir} has no checkpoint-*/.")
 

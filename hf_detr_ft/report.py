@@ -24,8 +24,8 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import last_complete_checkpoint
 from .errors import HfDetrFtError
 from .inference import detect
 from .predict import load_detector
@@ -53,7 +53,7 @@ def read_log_history(output_dir: str | Path) -> list[dict[str, Any]]:
     """``log_history`` of ``output_dir/trainer_state.json``, else of its newest checkpoint."""
     root = Path(output_dir)
     state = root / "trainer_state.json"
-    if not state.is_file() and root.is_dir() and (last := get_last_checkpoint(str(root))):
+    if not state.is_file() and (last := last_complete_checkpoint(root, with_optimizer=False)):
         state = Path(last) / "trainer_state.json"
     if not state.is_file():
         raise ReportError(
