@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import BCCD
 from PIL import Image
@@ -44,13 +45,18 @@ def _trainer(tiny_model_dir: Path, shapes_dir: Path, tmp_path: Path, **args) -> 
     )
 
 
-def test_a_few_trainer_steps_reduce_the_loss(tiny_model_dir, shapes_dir, tmp_path) -> None:
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, tmp_path) -> None:
     trainer = _trainer(
-        tiny_model_dir, shapes_dir, tmp_path,
+        tiny_model_dir, shapes_dir, tmp_path, use_cpu=True, bf16=bf16,
         max_steps=40, learning_rate=3e-3, lr_backbone=3e-4, per_device_train_batch_size=4,
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
     )  # fmt: skip
     batch = collate_fn([trainer.train_dataset[i] for i in range(4)])
+    encoder_dtypes = set()
+    hook = trainer.model.model.encoder.register_forward_hook(
+        lambda module, args, output: encoder_dtypes.add(output.last_hidden_state.dtype)
+    )
 
     def loss() -> float:
         trainer.model.eval()
@@ -58,8 +64,12 @@ def test_a_few_trainer_steps_reduce_the_loss(tiny_model_dir, shapes_dir, tmp_pat
             return trainer.model(**batch).loss.item()
 
     before = loss()
+    encoder_dtypes.clear()
     trainer.train()
+    hook.remove()
     after = loss()
+    assert encoder_dtypes == {torch.bfloat16 if bf16 else torch.float32}  # autocast really ran
+    assert trainer.model.dtype == torch.float32  # weights (and the optimizer) stay in fp32
     assert after < 0.8 * before
 
 
