@@ -1,7 +1,9 @@
-"""Timing and memory helpers: medians of step times after warm-up, peak resident memory."""
+"""Timing and memory helpers: medians of step times after warm-up, peak resident memory, a
+wall-clock training budget."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -29,6 +31,33 @@ class StepTimer(TrainerCallback):
         """Step times after the first ``warmup`` steps."""
         times = [self.start, *self.ends]
         return [b - a for a, b in zip(times, times[1:])][warmup:]
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once ``seconds`` of wall time have passed since it began, and anneals
+    every learning rate along a cosine over that time.
+
+    Run it with ``lr_scheduler_type="constant"``: a schedule counted in steps cannot end on
+    time when the step rate is not known beforehand, so both recipes get this one instead.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = 0.0
+        self.steps = 0
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        done = min((time.perf_counter() - self.start) / self.seconds, 1.0)
+        for group in kwargs["optimizer"].param_groups:
+            group["lr"] = group["initial_lr"] * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps = state.global_step
+        if time.perf_counter() - self.start >= self.seconds:
+            control.should_training_stop = True
 
 
 def images_per_second(durations: list[float], batch_size: int) -> float:

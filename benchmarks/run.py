@@ -2,18 +2,21 @@
 
 Sections (each prints rows of the table and fills the JSON written to ``--output``):
 train throughput and padding, data pipeline throughput, evaluation time and memory, batched
-predict vs the per-image pipeline. Times are medians over steps after warm-up. See README.md.
+predict vs the per-image pipeline, mAP after the same wall-clock training budget. Times are
+medians over steps after warm-up. See README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from measure import PeakRSS, StepTimer, images_per_second, padded_fraction  # noqa: E402
+from measure import (  # noqa: E402
+    PeakRSS,
+    StepTimer,
+    TimeBudget,
+    images_per_second,
+    padded_fraction,
+)  # fmt: skip
 from stock import (  # noqa: E402
     StockTransform,
     stock_arguments,
@@ -35,22 +44,36 @@ from stock import (  # noqa: E402
 from workloads import (  # noqa: E402
     BCCD,
     bccd_images,
+    finetune_with,
     mixed_aspect_images,
     our_trainer,
     save_random_model,
 )  # fmt: skip
 
 from hf_detr_ft.collate import collate_fn  # noqa: E402
+from hf_detr_ft.dataset import load_detection_dataset  # noqa: E402
+from hf_detr_ft.demo import DEMO_CHECKPOINT  # noqa: E402
+from hf_detr_ft.model_evaluation import evaluate  # noqa: E402
+from hf_detr_ft.modeling import load_image_processor  # noqa: E402
+from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
 from hf_detr_ft.transforms import DetrTransform  # noqa: E402
 
 CAP, BATCH = 600, 2
 #: Per mode: training images per dataset, evaluation set sizes, predicted images, pipeline
-#: batches. ``smoke`` only checks that everything runs (the test suite uses it).
+#: batches, minutes of training per side at a fixed budget (0: no learning section; a budget
+#: under a few minutes measures warm-up, not learning). ``smoke`` only checks that everything
+#: runs (the test suite uses it).
 SIZES = {
-    "full": {"train": 64, "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "steps": 10},
-    "quick": {"train": 16, "eval": [20, 50], "predict": 8, "pipeline": 4, "steps": 3},
-    "smoke": {"train": 4, "eval": [4], "predict": 2, "pipeline": 1, "steps": 1},
-}
+    "full": {"train": 64, "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "steps": 10,
+             "budget": 4.0},
+    "quick": {"train": 16, "eval": [20, 50], "predict": 8, "pipeline": 4, "steps": 3,
+              "budget": 0.0},
+    "smoke": {"train": 4, "eval": [4], "predict": 2, "pipeline": 1, "steps": 1, "budget": 0.1},
+}  # fmt: skip
+#: The fixed-budget comparison: the demo's data (128 px shapes, seed 0), its batch and cap.
+LEARNING_SPLITS = {"train": 400, "valid": 16, "test": 64}
+LEARNING_SMOKE_SPLITS = {"train": 16, "valid": 4, "test": 8}
+LEARNING_CAP, LEARNING_BATCH = 128, 8
 
 
 def train_section(name: str, dataset, kind: str, steps: int, work: Path) -> dict[str, Any]:
@@ -170,18 +193,129 @@ def predict_section(count: int, work: Path) -> dict[str, Any]:
     return row
 
 
+def learning_section(minutes: float, splits: dict[str, int], work: Path) -> dict[str, Any]:
+    """Test mAP after the same wall-clock training time from the demo checkpoint (class head
+    re-initialised), ours vs the stock recipe; both final models evaluated by ``evaluate``.
+
+    Both sides train at the same time, each in its own process on half the cores, so that
+    other jobs on the machine slow both alike: trained one after the other on shared cores,
+    the side that met a busy minute did 22 steps where the other did 600 (README.md).
+    """
+    data_dir = make_shapes_dataset(work / "learning-data", splits=splits, seed=0)
+    threads = max(1, torch.get_num_threads() // 2)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        jobs = {
+            side: pool.submit(_learn_side, side, minutes * 60, data_dir, work / side, threads)
+            for side in ("ours", "stock")
+        }
+        trained = {side: job.result() for side, job in jobs.items()}
+    row: dict[str, Any] = {
+        "budget_minutes": minutes, "threads_per_side": threads, "load_1min": os.getloadavg()[0],
+    }  # fmt: skip
+    for side, (model_dir, steps) in trained.items():
+        found = evaluate(model_dir, data_dir, "test", batch_size=16, device="cpu").metrics
+        row[side] = {
+            "map": found["map"], "map_50": found["map_50"], "steps": steps,
+            "images_seen": steps * LEARNING_BATCH,
+        }  # fmt: skip
+        print(
+            f"learning {minutes:g} min, {side:<5} mAP {found['map']:.3f}  mAP50 "
+            f"{found['map_50']:.3f}  steps {steps}  (load {row['load_1min']:.1f})",
+            flush=True,
+        )
+    return row
+
+
+def _learn_side(
+    side: str, seconds: float, data_dir: Path, output_dir: Path, threads: int
+) -> tuple[Path, int]:
+    """One side of :func:`learning_section` in its own process: model folder, steps done."""
+    torch.set_num_threads(threads)
+    budget = TimeBudget(seconds)
+    learn = _learn_ours if side == "ours" else _learn_stock
+    return learn(budget, data_dir, output_dir), budget.steps
+
+
+def _learn_ours(budget: TimeBudget, data_dir: Path, output_dir: Path) -> Path:
+    """``finetune()`` with the demo's settings; no evaluation or checkpoints on the clock."""
+    return finetune_with(
+        budget, data_dir, output_dir, seed=0, num_train_epochs=10_000,
+        lr_scheduler_type="constant", eval_on_start=False, eval_strategy="no",
+        save_strategy="no", load_best_model_at_end=False,
+    )  # fmt: skip
+
+
+def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path) -> Path:
+    """The stock recipe from the same checkpoint; saved with our 128 px processor, so that
+    both models are evaluated on identical inputs (the test images are 128 px squares)."""
+    from transformers import AutoModelForObjectDetection, set_seed
+
+    data = load_detection_dataset(data_dir)
+    names = data.class_names
+    set_seed(0)
+    model = AutoModelForObjectDetection.from_pretrained(
+        DEMO_CHECKPOINT, id2label=dict(enumerate(names)), ignore_mismatched_sizes=True,
+        label2id={name: i for i, name in enumerate(names)},
+    )  # fmt: skip
+    processor = stock_processor(LEARNING_CAP)
+    args = stock_arguments(
+        str(output_dir), per_device_train_batch_size=LEARNING_BATCH, num_train_epochs=10_000,
+        lr_scheduler_type="constant", seed=0, logging_steps=100,
+    )  # fmt: skip
+    train = data.splits["train"].with_transform(StockTransform(processor))
+    stock_trainer(model, args, train=train, processing_class=processor, callbacks=[budget]).train()
+    folder = output_dir / "model"
+    model.save_pretrained(folder)
+    cap = {"image_size": LEARNING_CAP, "max_image_size": LEARNING_CAP}
+    load_image_processor(DEMO_CHECKPOINT, **cap).save_pretrained(folder)
+    return folder
+
+
 def _print(label: str, row: dict[str, Any], *keys: str) -> None:
     cells = "  ".join(f"{key} {row['ours'][key]:9.3f} vs {row['stock'][key]:9.3f}" for key in keys)
     print(f"{label:<28} {cells}  ratio {row['speedup']:.2f}x", flush=True)
 
 
+def speed_sections(
+    sizes: dict[str, Any], steps: int, models: list[str], quick: bool, work: Path
+) -> dict[str, Any]:
+    """Train, pipeline, evaluation and predict sections (everything timed step by step)."""
+    datasets = {
+        "bccd": bccd_images(sizes["train"]),
+        "mixed": mixed_aspect_images(work / "train-data", sizes["train"]),
+    }
+    train = {}
+    for kind in models:
+        for name, dataset in datasets.items():
+            if kind == "r50" and quick and name != "bccd":
+                continue  # R50 steps take tens of seconds on 2 CPU cores
+            r50_steps = min(steps, 1 if quick else 3)
+            train[f"{kind}/{name}"] = train_section(
+                name, dataset, kind, r50_steps if kind == "r50" else steps, work
+            )
+    rates = {k: v["ours"]["images_per_s"] for k, v in train.items()}
+    return {
+        "train": train,
+        "pipeline": pipeline_section(datasets["bccd"], sizes["pipeline"], rates),
+        "eval": eval_section(sizes["eval"], work),
+        "predict": predict_section(sizes["predict"], work),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts (< 5 min, 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small counts (~3 min, 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks it all runs")
     parser.add_argument("--steps", type=int, help="timed training steps after 1 warm-up step")
     parser.add_argument("--models", default="tiny,r50", help="comma-separated: tiny, r50")
     parser.add_argument("--output", default="benchmarks/results.json", help="JSON written here")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="training time per side in the learning section (full: 4, --quick: 0 = skipped)",
+    )
+    parser.add_argument("--learning-only", action="store_true", help="only the learning section")
     args = parser.parse_args(argv)
     sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
     steps = args.steps or sizes["steps"]
@@ -191,23 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"settings": {**vars(args), **settings}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        datasets = {
-            "bccd": bccd_images(sizes["train"]),
-            "mixed": mixed_aspect_images(work / "train-data", sizes["train"]),
-        }
-        train = results["train"] = {}
-        for kind in models:
-            for name, dataset in datasets.items():
-                if kind == "r50" and quick and name != "bccd":
-                    continue  # R50 steps take tens of seconds on 2 CPU cores
-                r50_steps = min(steps, 1 if quick else 3)
-                train[f"{kind}/{name}"] = train_section(
-                    name, dataset, kind, r50_steps if kind == "r50" else steps, work
-                )
-        rates = {k: v["ours"]["images_per_s"] for k, v in train.items()}
-        results["pipeline"] = pipeline_section(datasets["bccd"], sizes["pipeline"], rates)
-        results["eval"] = eval_section(sizes["eval"], work)
-        results["predict"] = predict_section(sizes["predict"], work)
+        if not args.learning_only:
+            results.update(speed_sections(sizes, steps, models, quick, work))
+        minutes = sizes["budget"] if args.budget_minutes is None else args.budget_minutes
+        if minutes > 0:
+            splits = LEARNING_SMOKE_SPLITS if args.smoke else LEARNING_SPLITS
+            results["learning"] = learning_section(minutes, splits, work)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"Wrote {args.output}")

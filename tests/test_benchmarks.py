@@ -39,3 +39,8 @@ def test_benchmark_smoke_run_writes_its_json(tmp_path) -> None:
         assert row["speedup"] > 0
     assert all(row["ours"]["seconds"] > 0 for row in results["eval"].values())
     assert results["predict"]["stock"]["images_per_s"] > 0
+    # fixed-budget learning: both sides trained until the clock stopped them, then evaluated
+    for side in ("ours", "stock"):
+        row = results["learning"][side]
+        assert row["steps"] > 0 and row["images_seen"] == 8 * row["steps"]
+        assert 0 <= row["map"] <= row["map_50"] <= 1
