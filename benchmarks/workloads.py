@@ -3,10 +3,8 @@ models (the tests' tiny DETR, DETR-R50 random init) and our side of each compari
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from datasets import Dataset
@@ -16,13 +14,12 @@ from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.demo import DEMO_CHECKPOINT, DEMO_SETTINGS
+from hf_detr_ft.finetune import finetune
 from hf_detr_ft.modeling import load_image_processor, load_model
 from hf_detr_ft.synthetic import DEMO_CLASSES, make_shapes_dataset
 from hf_detr_ft.trainer import DetrTrainer
 from hf_detr_ft.transforms import DetrTransform
 
-#: The module, not the function of that name that ``hf_detr_ft`` exports.
-FINETUNE = importlib.import_module("hf_detr_ft.finetune")
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "bccd"
 #: (width, height): portrait, landscape and panorama photos as phones and drones take them.
@@ -97,18 +94,14 @@ def our_trainer(
 def finetune_with(callback: TrainerCallback, data_dir: Path, output_dir: Path, **args: Any) -> Path:
     """The library's own path, ``finetune()`` with the demo's settings from the demo checkpoint,
     with ``callback`` added to its Trainer; ``args`` override settings. Returns the model folder.
-
-    ``finetune()`` takes no callbacks, so its ``DetrTrainer`` is swapped for a subclass that
-    only adds this one.
     """
-
-    class Trainer(DetrTrainer):
-        def __init__(self, *a: Any, callbacks: list | None = None, **kw: Any) -> None:
-            super().__init__(*a, callbacks=[*(callbacks or []), callback], **kw)
-
     settings = {**DEMO_SETTINGS, "disable_tqdm": True, **args}
-    with mock.patch.object(FINETUNE, "DetrTrainer", Trainer):
-        result = FINETUNE.finetune(
-            data_dir, len(DEMO_CLASSES), model=DEMO_CHECKPOINT, output_dir=output_dir, **settings
-        )
+    result = finetune(
+        data_dir,
+        len(DEMO_CLASSES),
+        model=DEMO_CHECKPOINT,
+        output_dir=output_dir,
+        callbacks=[callback],
+        **settings,
+    )
     return result.output_dir

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
 from .callbacks import TrainingSignalsCallback
@@ -52,9 +53,15 @@ class FinetuneResult:
 
 
 def run_training(
-    model_args: ModelArguments, data_args: DataArguments, training_args: DetrTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DetrTrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> FinetuneResult:
-    """Train, evaluate on the test split (validation if none), save everything to output_dir."""
+    """Train, evaluate on the test split (validation if none), save everything to output_dir.
+
+    ``callbacks`` are added to the Trainer's own (e.g. early stopping, custom logging).
+    """
     set_seed(training_args.seed)
     data = load_detection_dataset(
         data_args.dataset_dir,
@@ -127,7 +134,13 @@ def run_training(
         eval_dataset=validation.with_transform(eval_transform),
         processing_class=image_processor,
         data_collator=collate_fn,
-        callbacks=[card, signals, AugmentationEpochCallback(train_transform), interrupt],
+        callbacks=[
+            card,
+            signals,
+            AugmentationEpochCallback(train_transform),
+            interrupt,
+            *callbacks,
+        ],
     )
     card.repo_id = trainer.hub_model_id  # the full id of the repo, when pushing
 
@@ -169,6 +182,7 @@ def finetune(
     *,
     model: str | Path = DEFAULT_MODEL,
     output_dir: str | Path = "detr-finetuned",
+    callbacks: Sequence[TrainerCallback] = (),
     **kwargs: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on the COCO folder ``dataset_dir``; see :func:`run_training`.
@@ -176,6 +190,7 @@ def finetune(
     Keyword arguments are the fields of :class:`ModelArguments`, :class:`DataArguments` and
     :class:`DetrTrainingArguments` (i.e. all of ``transformers.TrainingArguments``), for example
     ``finetune("data", 3, num_train_epochs=50, image_size=512, per_device_train_batch_size=8)``.
+    ``callbacks`` are ``transformers.TrainerCallback`` objects added to the Trainer.
     """
     groups: dict[type, dict[str, Any]] = {
         ModelArguments: {},
@@ -189,7 +204,7 @@ def finetune(
         if owner is None:
             raise TypeError(f"finetune() got an unexpected keyword argument {key!r}")
         groups[owner][key] = value
-    return run_training(*(cls(**values) for cls, values in groups.items()))
+    return run_training(*(cls(**values) for cls, values in groups.items()), callbacks=callbacks)
 
 
 def _field_names(cls: type) -> set[str]:

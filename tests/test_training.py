@@ -11,7 +11,13 @@ import pytest
 import torch
 from conftest import BCCD
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline, set_seed
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    TrainerCallback,
+    pipeline,
+    set_seed,
+)
 
 from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.cli import main as cli_main
@@ -102,12 +108,22 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return AutoModelForObjectDetection.from_pretrained(path).state_dict()
 
 
+class EpochCounter(TrainerCallback):
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def on_epoch_end(self, *args, **kwargs) -> None:
+        self.ended += 1
+
+
 def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, tmp_path) -> None:
     out = tmp_path / "out"
+    epochs = EpochCounter()
     result = finetune(
         shapes_dir, 3, model=tiny_model_dir, output_dir=out, num_train_epochs=2,
-        per_device_train_batch_size=8, **QUICK,
+        per_device_train_batch_size=8, callbacks=[epochs], **QUICK,
     )  # fmt: skip
+    assert epochs.ended == 2  # the user's callback ran in the Trainer
     assert result.output_dir == out and result.eval_split == "test"
     assert {f"eval_{m}" for m in SUMMARY_METRICS} <= result.metrics.keys()
     saved = json.loads((out / METRICS_FILE).read_text())
