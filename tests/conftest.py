@@ -9,12 +9,17 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import xml.etree.ElementTree as ET  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig  # noqa: E402
 
 from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
@@ -123,3 +128,19 @@ def bccd_coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         images, annotations = voc_to_coco(names, BCCD / "JPEGImages", classes)
         write_coco_json(root / split / "_annotations.coco.json", images, annotations, categories)
     return root
+
+
+def cocoeval_stats(
+    annotation_file: Path, results: Path | list[dict], cat_ids: list[int] | None = None
+) -> np.ndarray:
+    """The reference: pycocotools alone (its 12 summary numbers), optionally for some classes."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotation_file))
+        detections = truth.loadRes(str(results) if isinstance(results, Path) else results)
+        coco_eval = COCOeval(truth, detections, "bbox")
+        if cat_ids is not None:
+            coco_eval.params.catIds = cat_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval.stats

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cocoeval_stats
 from datasets import Dataset
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from hf_detr_ft.dataset import detection_features
 from hf_detr_ft.evaluation import SUMMARY_METRICS, CocoEvaluator
@@ -94,15 +91,7 @@ def _pycocotools_stats(tmp_path: Path, records, predictions, cat_ids=None) -> np
         for image_id, p in predictions.items()
         for (x0, y0, x1, y1), label, score in zip(p["boxes"].tolist(), p["labels"], p["scores"])
     ]  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(path))
-        coco_eval = COCOeval(coco, coco.loadRes(results), "bbox")
-        if cat_ids is not None:
-            coco_eval.params.catIds = cat_ids
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    return coco_eval.stats
+    return cocoeval_stats(path, results, cat_ids)
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cocoeval_stats
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from transformers import AutoImageProcessor
 
 from hf_detr_ft.cli import main
@@ -73,29 +73,16 @@ def evaluated(shapes_model_dir: Path, odd_ids_dir: Path, tmp_path_factory) -> tu
     return result, out
 
 
-def _cocoeval(annotation_file: Path, results_file: Path, cat_ids: list[int] | None = None):
-    """The reference: pycocotools alone, on the source annotation file and the saved results."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(annotation_file))
-        coco_eval = COCOeval(truth, truth.loadRes(str(results_file)), "bbox")
-        if cat_ids is not None:
-            coco_eval.params.catIds = cat_ids
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-    return coco_eval.stats
-
-
 def test_metrics_equal_pycocotools_on_the_source_annotations(evaluated, odd_ids_dir) -> None:
     result, out = evaluated
     annotations = odd_ids_dir / "test" / "_annotations.coco.json"
-    reference = _cocoeval(annotations, out / "predictions_test.json")
+    reference = cocoeval_stats(annotations, out / "predictions_test.json")
     assert [result.metrics[name] for name in SUMMARY_METRICS] == pytest.approx(
         list(reference), abs=1e-12
     )
     assert 0 < result.metrics["map_50"] < 1  # a real, non-trivial case
     for name, source_id in zip(CLASSES, SOURCE_IDS.values()):
-        per_class = _cocoeval(annotations, out / "predictions_test.json", cat_ids=[source_id])
+        per_class = cocoeval_stats(annotations, out / "predictions_test.json", cat_ids=[source_id])
         assert result.per_class[name]["ap"] == pytest.approx(per_class[0], abs=1e-12), name
         assert result.per_class[name]["ar"] == pytest.approx(per_class[8], abs=1e-12), name
 
