@@ -146,8 +146,15 @@ class DetrTrainingArguments(TrainingArguments):
     group_by_aspect_ratio: bool = field(
         default=True,
         metadata={
-            "help": "Batch training images of similar aspect ratio together (less padding; "
-            "see hf_detr_ft/sampler.py). Every image is still seen once per epoch."
+            "help": "Batch images of similar aspect ratio together, in training and evaluation "
+            "(less padding; see hf_detr_ft/sampler.py). Every image is still seen once per epoch."
+        },
+    )
+    channels_last: bool = field(
+        default=True,
+        metadata={
+            "help": "Store convolution weights channels-last (NHWC): faster convolutions with "
+            "oneDNN on CPUs and with bf16/fp16 on GPUs (see benchmarks/README.md)."
         },
     )
     hub_license: str | None = field(

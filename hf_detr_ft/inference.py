@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def detect(
     model: PreTrainedModel,
     image_processor: BaseImageProcessor,

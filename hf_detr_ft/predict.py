@@ -36,6 +36,7 @@ from .errors import HfDetrFtError, ModelLoadError
 from .formats.voc import IMAGE_EXTENSIONS
 from .image_files import IMAGE_ERRORS, SIXTEEN_BIT_MODES, eight_bit_png
 from .inference import detect
+from .model_speedups import apply_speedups
 from .modeling import _cannot_load_message, load_image_processor
 from .visualize import Boxes, draw_boxes
 
@@ -73,7 +74,8 @@ def load_detector(
     """A fine-tuned detector (folder or Hub id) in eval mode on ``device``, and its processor.
 
     The processor saved with the model is used as it is (the image size it was trained at);
-    a model saved without one gets DETR's default processor.
+    a model saved without one gets DETR's default processor. The model runs with
+    :func:`~hf_detr_ft.model_speedups.apply_speedups` (same outputs, faster).
     """
     try:
         detector = AutoModelForObjectDetection.from_pretrained(str(model), **model_kwargs)
@@ -83,7 +85,9 @@ def load_detector(
         processor = AutoImageProcessor.from_pretrained(str(model))
     except OSError:
         processor = load_image_processor(model)
-    return detector.to(resolve_device(device)).eval(), processor
+    detector = detector.to(resolve_device(device)).eval()
+    apply_speedups(detector)
+    return detector, processor
 
 
 def find_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:

@@ -15,6 +15,9 @@ accelerate's ``BatchSamplerShard`` (which deals whole batches round-robin to the
 keep every batch intact. The order depends only on ``seed`` and the epoch, so every process
 computes the same one, as that sharding requires.
 
+Evaluation batches are grouped too (:class:`AspectRatioSortedSampler`): the order of the
+evaluation images does not change any metric, so they are simply sorted by aspect ratio.
+
 Aspect ratios come from the dataset's ``width`` and ``height`` columns: no image is decoded.
 """
 
@@ -93,3 +96,18 @@ class AspectRatioGroupedSampler(Sampler[int]):
         ]
         shuffled = [full[i] for i in rng.permutation(len(full))]
         return [[int(i) for i in batch] for batch in shuffled + rest]
+
+
+class AspectRatioSortedSampler(Sampler[int]):
+    """Every index once, sorted by aspect ratio (stable): the evaluation order, whose batches
+    hold images of similar shape. The same on every process, as accelerate's sharding needs."""
+
+    def __init__(self, widths: Sequence[float], heights: Sequence[float]) -> None:
+        ratios = np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
+        self.order = [int(i) for i in np.argsort(ratios, kind="stable")]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)

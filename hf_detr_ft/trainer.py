@@ -10,6 +10,9 @@
 * Checkpoints: a kill while saving never leaves a checkpoint that looks complete, and
   evaluation does not move the random state, so resumed runs continue exactly (see
   :mod:`hf_detr_ft.checkpoints`).
+* Speed: the model's frozen BatchNorms are folded into its convolutions and, with
+  ``channels_last`` (the default), its convolution weights stored NHWC
+  (:mod:`hf_detr_ft.model_speedups`; same outputs, same state dict).
 * Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
   count in transformers 5).
 * Hub: the repo is created and the final push made through :mod:`hf_detr_ft.hub` (clear
@@ -17,7 +20,8 @@
   Trainer's own checkpoint pushes (``hub_strategy``) are unchanged.
 * Training batches: with ``group_by_aspect_ratio`` (the default) each batch holds images of
   similar aspect ratio (:mod:`hf_detr_ft.sampler`), so padding to the batch's largest image
-  wastes few pixels; accelerate still deals whole batches to the processes.
+  wastes few pixels; accelerate still deals whole batches to the processes. Evaluation
+  images are sorted by aspect ratio for the same reason.
 * Evaluation: each batch is post-processed right away and fed to a
   :class:`~hf_detr_ft.evaluation.CocoEvaluator`; the Trainer's own loop still prepares the
   model (DDP, FSDP, DeepSpeed) and averages the loss. Metrics: ``eval_loss``, DETR's loss terms
@@ -50,7 +54,8 @@ from .checkpoints import discard_checkpoint, random_state_kept
 from .compat import fix_object_detection_loss_normalisation
 from .evaluation import CocoEvaluator
 from .hub import create_hub_repo, push_output_dir
-from .sampler import AspectRatioGroupedSampler
+from .model_speedups import apply_speedups
+from .sampler import AspectRatioGroupedSampler, AspectRatioSortedSampler
 
 fix_object_detection_loss_normalisation()
 
@@ -114,6 +119,8 @@ class DetrTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.model is not None:
+            apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
         self._evaluator: CocoEvaluator | None = None
         self._eval_loss_terms: dict[str, float] = defaultdict(float)
         self._train_signals: dict[str, float] = defaultdict(float)
@@ -123,18 +130,29 @@ class DetrTrainer(Trainer):
     ) -> torch.utils.data.Sampler | None:
         """Aspect-ratio grouped order when asked for and the data has width/height columns."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        sizes = self._image_sizes(dataset)
+        if sizes is None or self.args.train_sampling_strategy != "random":
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        return AspectRatioGroupedSampler(*sizes, self._train_batch_size, seed=seed)
+
+    def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
+        """Evaluation images sorted by aspect ratio (batches of similar shapes), when asked for."""
+        sizes = self._image_sizes(eval_dataset)
+        if sizes is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return AspectRatioSortedSampler(*sizes)
+
+    def _image_sizes(self, dataset: Any) -> tuple[list[int], list[int]] | None:
+        """The images' widths and heights with ``group_by_aspect_ratio``, if the data has them."""
         if not (
             getattr(self.args, "group_by_aspect_ratio", False)
-            and self.args.train_sampling_strategy == "random"
             and isinstance(dataset, datasets.Dataset)
             and {"width", "height"} <= set(dataset.column_names)
         ):
-            return super()._get_train_sampler(train_dataset)
+            return None
         sizes = dataset.with_format(None).select_columns(["width", "height"])
-        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-        return AspectRatioGroupedSampler(
-            sizes["width"], sizes["height"], self._train_batch_size, seed=seed
-        )
+        return sizes["width"], sizes["height"]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:

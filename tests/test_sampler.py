@@ -11,7 +11,11 @@ from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.modeling import load_image_processor, load_model
-from hf_detr_ft.sampler import AspectRatioGroupedSampler, aspect_ratio_groups
+from hf_detr_ft.sampler import (
+    AspectRatioGroupedSampler,
+    AspectRatioSortedSampler,
+    aspect_ratio_groups,
+)
 from hf_detr_ft.synthetic import make_shapes_dataset
 from hf_detr_ft.trainer import DetrTrainer
 from hf_detr_ft.transforms import DetrTransform
@@ -101,24 +105,42 @@ def _mixed_trainer(tiny_model_dir, tmp_path, **args) -> DetrTrainer:
             **args,
         ),  # fmt: skip
         train_dataset=data.splits["train"].with_transform(transform),
+        eval_dataset=data.splits["train"].with_transform(transform),
         processing_class=processor,
         data_collator=collate_fn,
     )
 
 
-def _padded_fraction(trainer: DetrTrainer) -> float:
-    masks = [batch["pixel_mask"] for batch in trainer.get_train_dataloader()]
+def _padded_fraction(batches) -> float:
+    masks = [batch["pixel_mask"] for batch in batches]
     return 1 - sum(float(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
 def test_trainer_batches_by_aspect_ratio_and_trains(tiny_model_dir, tmp_path) -> None:
     grouped = _mixed_trainer(tiny_model_dir, tmp_path, max_steps=4)
     assert isinstance(grouped._get_train_sampler(), AspectRatioGroupedSampler)
-    assert _padded_fraction(grouped) < 0.05  # same-shape images in every batch
+    assert _padded_fraction(grouped.get_train_dataloader()) < 0.05  # same shapes per batch
     plain = _mixed_trainer(tiny_model_dir, tmp_path, max_steps=4, group_by_aspect_ratio=False)
-    assert _padded_fraction(plain) > 0.2
+    assert _padded_fraction(plain.get_train_dataloader()) > 0.2
 
     grouped.train()
     losses = [log["loss"] for log in grouped.state.log_history if "loss" in log]
     assert grouped.state.global_step == 4 and len(losses) == 4
     assert all(np.isfinite(losses))
+
+
+def test_evaluation_batches_sorted_by_aspect_ratio_cover_every_image(
+    tiny_model_dir, tmp_path
+) -> None:
+    sorted_order = AspectRatioSortedSampler([96, 32, 64, 32], [64, 64, 64, 128])
+    assert list(sorted_order) == [3, 1, 2, 0] and len(sorted_order) == 4
+
+    grouped = _mixed_trainer(tiny_model_dir, tmp_path, per_device_eval_batch_size=2)
+    batches = list(grouped.get_eval_dataloader())
+    ids = [int(target["image_id"]) for batch in batches for target in batch["labels"]]
+    assert sorted(ids) == sorted(grouped.eval_dataset.with_format(None)["image_id"])  # each once
+    assert _padded_fraction(batches) < 0.05
+    plain = _mixed_trainer(
+        tiny_model_dir, tmp_path, per_device_eval_batch_size=2, group_by_aspect_ratio=False
+    )
+    assert _padded_fraction(plain.get_eval_dataloader()) > 0.2

@@ -1,0 +1,131 @@
+"""Make a loaded detector cheaper to run without changing what it computes or saves.
+
+Two changes, applied by :func:`apply_speedups` to every model the library trains, evaluates or
+predicts with (measured in benchmarks/README.md):
+
+* **Frozen BatchNorm folded into the convolution before it.** DETR's backbone normalises with
+  frozen statistics (``DetrFrozenBatchNorm2d``: ``x * scale + shift`` with constant ``scale``
+  and ``shift``), i.e. two extra passes over every feature map forward and two backward.
+  Folded, the convolution runs with ``weight * scale`` and bias ``shift`` (computed from the
+  current parameters at each call, so the weight still trains): one pass instead of three.
+  Parameters and buffers stay where they were, so the state dict, checkpoints and the
+  optimizer see exactly the same tensors; only ``forward`` changes.
+* **Channels-last convolution weights** (optional): oneDNN on CPUs and cuDNN with bf16/fp16
+  on GPUs run NHWC convolutions faster; PyTorch then runs every convolution channels-last.
+
+Folding relies on a convolution being registered right before the norm layer applied to its
+output (true of timm's and transformers' ResNets). It is checked on a small random image
+before it is kept: if the model's outputs change, it is undone and the model runs as loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: The variance epsilon of transformers' frozen norms (torchvision's has an ``eps`` attribute).
+_FROZEN_NORM_EPS = 1e-5
+_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+class FrozenNormConv2d(nn.Conv2d):
+    """A ``Conv2d`` that applies the frozen norm layer after it as part of its own convolution.
+
+    The norm is referenced (``folded_norm``), not registered as a child, so it keeps its place
+    in the module tree and the state dict.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        norm = self.__dict__["folded_norm"]
+        scale = norm.weight * (norm.running_var + getattr(norm, "eps", _FROZEN_NORM_EPS)).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return self._conv_forward(input, weight, bias)
+
+
+def apply_speedups(model: nn.Module, *, channels_last: bool = True) -> None:
+    """Fold frozen norms into convolutions and, with ``channels_last``, store conv weights NHWC."""
+    folded = fold_frozen_batchnorm(model)
+    if folded:
+        logger.info("Folded %d frozen BatchNorm layers into their convolutions.", folded)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def fold_frozen_batchnorm(model: nn.Module) -> int:
+    """Fold every frozen norm layer into the ``Conv2d`` registered just before it.
+
+    Returns how many were folded: 0 when the model has none, cannot run on ``pixel_values``
+    alone, or would compute other outputs on a 64x64 random image (then nothing is changed).
+    """
+    pairs = [
+        (conv, norm)
+        for parent in model.modules()
+        for conv, norm in _neighbours(parent)
+        if type(conv) is nn.Conv2d and _is_frozen_norm(norm)
+    ]
+    if not pairs:
+        return 0
+    reference = _outputs_on_random_image(model)
+    if reference is None:
+        return 0
+    for conv, norm in pairs:
+        conv.__class__ = FrozenNormConv2d
+        conv.__dict__["folded_norm"] = norm
+        norm.forward = _already_applied
+    if _same_outputs(reference, _outputs_on_random_image(model)):
+        return len(pairs)
+    for conv, norm in pairs:
+        conv.__class__ = nn.Conv2d
+        del conv.__dict__["folded_norm"], norm.__dict__["forward"]
+    logger.info("Frozen BatchNorm layers left unfolded: this model's outputs would change.")
+    return 0
+
+
+def _already_applied(input: torch.Tensor) -> torch.Tensor:
+    """The folded norm's forward: its convolution has already normalised ``input``."""
+    return input
+
+
+def _neighbours(parent: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    children = list(parent.children())
+    return list(zip(children, children[1:]))
+
+
+def _is_frozen_norm(module: nn.Module) -> bool:
+    """DETR-family ``*FrozenBatchNorm2d`` layers (transformers and torchvision)."""
+    buffers = dict(module.named_buffers(recurse=False))
+    return type(module).__name__.endswith("FrozenBatchNorm2d") and all(
+        name in buffers for name in _NORM_BUFFERS
+    )
+
+
+@torch.no_grad()
+def _outputs_on_random_image(model: nn.Module) -> list[torch.Tensor] | None:
+    """The model's floating-point outputs on a fixed random 64x64 image (None if it cannot run
+    on just ``pixel_values``)."""
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 64, 64, generator=generator).to(parameter.device, parameter.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(pixel_values=pixels)
+    except (TypeError, ValueError, RuntimeError) as err:
+        logger.debug("Cannot check folded norms on this model: %s", err)
+        return None
+    finally:
+        model.train(was_training)
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    return [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def _same_outputs(before: list[torch.Tensor], after: list[torch.Tensor] | None) -> bool:
+    return after is not None and all(
+        torch.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(before, after, strict=True)
+    )

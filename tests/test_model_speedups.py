@@ -1,0 +1,144 @@
+"""Folded frozen BatchNorms and channels-last weights: same outputs, gradients and state dict."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_detr_config
+from torch import nn
+from transformers import DetrConfig, DetrForObjectDetection
+from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+
+from hf_detr_ft.model_speedups import FrozenNormConv2d, apply_speedups, fold_frozen_batchnorm
+from hf_detr_ft.modeling import freeze_backbone_stem
+
+
+def small_detr(backbone: str) -> DetrForObjectDetection:
+    """A small DETR (timm ResNet-18 or the tests' transformers ResNet), no dropout, with frozen
+    norm statistics drawn at random so that folding them is not a no-op."""
+    torch.manual_seed(0)
+    if backbone == "timm":
+        config = DetrConfig(
+            backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+            decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
+            encoder_attention_heads=2, decoder_attention_heads=2, num_labels=3,
+        )  # fmt: skip
+    else:
+        config = tiny_detr_config(num_labels=3)
+    config.dropout = config.attention_dropout = config.activation_dropout = 0.0
+    model = DetrForObjectDetection(config)
+    for norm in frozen_norms(model):
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.2)
+        norm.running_mean.normal_(0, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    freeze_backbone_stem(model)  # as loaded for training: later stages train
+    return model
+
+
+def frozen_norms(model: nn.Module) -> list[DetrFrozenBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, DetrFrozenBatchNorm2d)]
+
+
+def loss_and_gradients(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad()
+    pixels = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    labels = [
+        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3],
+                                                                       [0.3, 0.6, 0.1, 0.1]])},
+        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]])},
+    ]  # fmt: skip
+    loss = model(pixel_values=pixels, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("backbone", ["timm", "transformers"])
+def test_folding_keeps_outputs_and_gradients(backbone: str) -> None:
+    model = small_detr(backbone)
+    reference = copy.deepcopy(model)
+    folded = fold_frozen_batchnorm(model)
+    assert folded == len(frozen_norms(model)) > 0
+    assert sum(isinstance(m, FrozenNormConv2d) for m in model.modules()) == folded
+
+    pixels = torch.randn(1, 3, 80, 112)
+    with torch.no_grad():
+        expected, got = reference.eval()(pixel_values=pixels), model.eval()(pixel_values=pixels)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=1e-4, atol=1e-5)
+
+    loss, grads = loss_and_gradients(model)
+    expected_loss, expected_grads = loss_and_gradients(reference)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    assert any("backbone" in name for name in grads)  # the folded convolutions do train
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_state_dict_and_saved_checkpoint_unchanged(tmp_path: Path) -> None:
+    model = small_detr("transformers")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
+    apply_speedups(model, channels_last=True)
+    # the optimizer sees the same tensors
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    convolutions = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+
+    model.save_pretrained(tmp_path)
+    reloaded = DetrForObjectDetection.from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, FrozenNormConv2d) for m in reloaded.modules())
+    pixels = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(pixel_values=pixels).logits,
+            reloaded(pixel_values=pixels).logits,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_a_copy_uses_its_own_norms_and_folding_twice_changes_nothing() -> None:
+    model = small_detr("transformers")
+    apply_speedups(model)
+    assert fold_frozen_batchnorm(model) == 0
+    twin = copy.deepcopy(model).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = twin(pixel_values=pixels).logits
+        for norm in frozen_norms(model):
+            norm.running_var.mul_(4.0)  # the original changes, the copy must not
+        assert torch.equal(twin(pixel_values=pixels).logits, expected)
+        assert not torch.allclose(model.eval()(pixel_values=pixels).logits, expected)
+
+
+class NormBeforeConv(nn.Module):
+    """Registers a convolution, then the norm that it actually applies *before* it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = DetrFrozenBatchNorm2d(3)
+        self.norm.running_mean.fill_(0.5)
+        self.norm.weight.fill_(2.0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(pixel_values))
+
+
+def test_a_norm_not_applied_after_its_convolution_is_left_alone() -> None:
+    model = NormBeforeConv()
+    pixels = torch.randn(1, 3, 16, 16)
+    expected = model(pixels)
+    assert fold_frozen_batchnorm(model) == 0
+    assert type(model.conv) is nn.Conv2d
+    torch.testing.assert_close(model(pixels), expected)
