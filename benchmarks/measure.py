@@ -4,7 +4,6 @@ wall-clock training budget."""
 from __future__ import annotations
 
 import math
-import statistics
 import threading
 import time
 from typing import Any
@@ -27,10 +26,10 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
         self.ends.append(time.perf_counter())
 
-    def durations(self, warmup: int) -> list[float]:
-        """Step times after the first ``warmup`` steps."""
+    def durations(self) -> list[float]:
+        """The time of every step, in order."""
         times = [self.start, *self.ends]
-        return [b - a for a, b in zip(times, times[1:])][warmup:]
+        return [b - a for a, b in zip(times, times[1:])]
 
 
 class TimeBudget(TrainerCallback):
@@ -60,9 +59,12 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = True
 
 
-def images_per_second(durations: list[float], batch_size: int) -> float:
-    """Images per second at the median step time."""
-    return batch_size / statistics.median(durations)
+def epoch_rates(durations: list[float], batch_sizes: list[int]) -> list[float]:
+    """Images/s of each whole epoch: ``durations`` are the step times of consecutive epochs of
+    ``len(batch_sizes)`` steps each (the last, partial epoch is left out)."""
+    steps = len(batch_sizes)
+    epochs = len(durations) // steps
+    return [sum(batch_sizes) / sum(durations[e * steps : (e + 1) * steps]) for e in range(epochs)]
 
 
 class PeakRSS:

@@ -2,8 +2,9 @@
 
 Sections (each prints rows of the table and fills the JSON written to ``--output``):
 train throughput and padding, data pipeline throughput, evaluation time and memory, batched
-predict vs the per-image pipeline, mAP after the same wall-clock training budget. Times are
-medians over steps after warm-up. See README.md.
+predict vs the per-image pipeline, mAP after the same wall-clock training budget. Training
+rates are medians over whole epochs after a warm-up epoch (an epoch is ``--steps`` steps, so
+both sides time the same images even where our batches differ in shape). See README.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from measure import (  # noqa: E402
     PeakRSS,
     StepTimer,
     TimeBudget,
-    images_per_second,
+    epoch_rates,
     padded_fraction,
 )  # fmt: skip
 from stock import (  # noqa: E402
@@ -59,16 +60,18 @@ from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
 from hf_detr_ft.transforms import DetrTransform  # noqa: E402
 
 CAP, BATCH = 600, 2
-#: Per mode: training images per dataset, evaluation set sizes, predicted images, pipeline
-#: batches, minutes of training per side at a fixed budget (0: no learning section; a budget
-#: under a few minutes measures warm-up, not learning). ``smoke`` only checks that everything
-#: runs (the test suite uses it).
+#: Per mode: training steps per epoch (the training set is ``steps x BATCH`` images; one
+#: warm-up epoch, then ``epochs`` timed ones; R50 at most ``r50_steps`` and ``r50_epochs``),
+#: evaluation set sizes, predicted images, pipeline batches, minutes of training per side at a
+#: fixed budget (0: no learning section; a budget under a few minutes measures warm-up, not
+#: learning). ``smoke`` only checks that everything runs (the test suite uses it).
 SIZES = {
-    "full": {"train": 64, "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "steps": 10,
-             "budget": 4.0},
-    "quick": {"train": 16, "eval": [20, 50], "predict": 8, "pipeline": 4, "steps": 3,
-              "budget": 0.0},
-    "smoke": {"train": 4, "eval": [4], "predict": 2, "pipeline": 1, "steps": 1, "budget": 0.1},
+    "full": {"steps": 16, "epochs": 3, "r50_steps": 4, "r50_epochs": 2,
+             "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "budget": 4.0},
+    "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
+              "eval": [20, 50], "predict": 8, "pipeline": 4, "budget": 0.0},
+    "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
+              "eval": [4], "predict": 2, "pipeline": 1, "budget": 0.1},
 }  # fmt: skip
 #: The fixed-budget comparison: the demo's data (128 px shapes, seed 0), its batch and cap.
 LEARNING_SPLITS = {"train": 400, "valid": 16, "test": 64}
@@ -76,23 +79,29 @@ LEARNING_SMOKE_SPLITS = {"train": 16, "valid": 4, "test": 8}
 LEARNING_CAP, LEARNING_BATCH = 128, 8
 
 
-def train_section(name: str, dataset, kind: str, steps: int, work: Path) -> dict[str, Any]:
-    """Train images/s, padded share and peak RSS of ours and the stock recipe."""
+def train_section(
+    name: str, dataset, kind: str, steps: int, epochs: int, work: Path
+) -> dict[str, Any]:
+    """Train images/s (median over ``epochs`` timed epochs of ``steps`` steps, after one
+    warm-up epoch), padded share and peak RSS of ours and the stock recipe."""
+    dataset = dataset.select(range(min(len(dataset), steps * BATCH)))
+    steps = -(-len(dataset) // BATCH)
     names = dataset.features["objects"]["category"].feature.names
     model_dir = save_random_model(kind, names, work / f"model-{kind}-{len(names)}")
-    warmup = 1
-    run = dict(max_steps=warmup + steps, per_device_train_batch_size=BATCH)
+    run = dict(max_steps=(1 + epochs) * steps, per_device_train_batch_size=BATCH)
     ours = our_trainer(model_dir, dataset, CAP, work / "ours", **run)
     stock = _stock_train_trainer(model_dir, dataset, work / "stock", **run)
     row = {}
     for side, trainer in (("ours", ours), ("stock", stock)):
         timer = StepTimer()
         trainer.add_callback(timer)
-        batches = [b for b, _ in zip(trainer.get_train_dataloader(), range(8))]
+        batches = list(trainer.get_train_dataloader())
         with PeakRSS() as memory:
             trainer.train()
+        rates = epoch_rates(timer.durations(), [len(b["labels"]) for b in batches])
         row[side] = {
-            "images_per_s": images_per_second(timer.durations(warmup), BATCH),
+            "images_per_s": statistics.median(rates[1:]),
+            "epoch_images_per_s": rates,  # the first is the warm-up epoch
             "padded_fraction": statistics.mean(padded_fraction(b["pixel_mask"]) for b in batches),
             "peak_rss_mb": memory.peak_mb,
         }
@@ -277,23 +286,22 @@ def _print(label: str, row: dict[str, Any], *keys: str) -> None:
     print(f"{label:<28} {cells}  ratio {row['speedup']:.2f}x", flush=True)
 
 
-def speed_sections(
-    sizes: dict[str, Any], steps: int, models: list[str], quick: bool, work: Path
-) -> dict[str, Any]:
+def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: Path) -> dict:
     """Train, pipeline, evaluation and predict sections (everything timed step by step)."""
+    images = sizes["steps"] * BATCH
     datasets = {
-        "bccd": bccd_images(sizes["train"]),
-        "mixed": mixed_aspect_images(work / "train-data", sizes["train"]),
+        "bccd": bccd_images(images),
+        "mixed": mixed_aspect_images(work / "train-data", images),
     }
     train = {}
     for kind in models:
         for name, dataset in datasets.items():
             if kind == "r50" and quick and name != "bccd":
-                continue  # R50 steps take tens of seconds on 2 CPU cores
-            r50_steps = min(steps, 1 if quick else 3)
-            train[f"{kind}/{name}"] = train_section(
-                name, dataset, kind, r50_steps if kind == "r50" else steps, work
-            )
+                continue  # R50 steps take seconds on 2 CPU cores
+            steps, epochs = sizes["steps"], sizes["epochs"]
+            if kind == "r50":
+                steps, epochs = min(steps, sizes["r50_steps"]), min(epochs, sizes["r50_epochs"])
+            train[f"{kind}/{name}"] = train_section(name, dataset, kind, steps, epochs, work)
     rates = {k: v["ours"]["images_per_s"] for k, v in train.items()}
     return {
         "train": train,
@@ -307,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts (~3 min, 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks it all runs")
-    parser.add_argument("--steps", type=int, help="timed training steps after 1 warm-up step")
+    parser.add_argument("--steps", type=int, help="training steps per epoch (the training set)")
+    parser.add_argument("--epochs", type=int, help="timed training epochs after a warm-up one")
     parser.add_argument("--models", default="tiny,r50", help="comma-separated: tiny, r50")
     parser.add_argument("--output", default="benchmarks/results.json", help="JSON written here")
     parser.add_argument(
@@ -317,16 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--learning-only", action="store_true", help="only the learning section")
     args = parser.parse_args(argv)
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
-    steps = args.steps or sizes["steps"]
+    sizes = dict(SIZES["smoke" if args.smoke else "quick" if args.quick else "full"])
+    sizes.update({k: getattr(args, k) for k in ("steps", "epochs") if getattr(args, k)})
     models = args.models.split(",")
     quick = args.quick or args.smoke
-    settings = {"steps": steps, "cap": CAP, "batch": BATCH, "threads": torch.get_num_threads()}
+    settings = {**sizes, "cap": CAP, "batch": BATCH, "threads": torch.get_num_threads()}
     results: dict[str, Any] = {"settings": {**vars(args), **settings}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.learning_only:
-            results.update(speed_sections(sizes, steps, models, quick, work))
+            results.update(speed_sections(sizes, models, quick, work))
         minutes = sizes["budget"] if args.budget_minutes is None else args.budget_minutes
         if minutes > 0:
             splits = LEARNING_SMOKE_SPLITS if args.smoke else LEARNING_SPLITS
