@@ -305,7 +305,9 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
     rates = {k: v["ours"]["images_per_s"] for k, v in train.items()}
     return {
         "train": train,
-        "pipeline": pipeline_section(datasets["bccd"], sizes["pipeline"], rates),
+        "pipeline": pipeline_section(
+            bccd_images((sizes["pipeline"] + 1) * BATCH), sizes["pipeline"], rates
+        ),
         "eval": eval_section(sizes["eval"], work),
         "predict": predict_section(sizes["predict"], work),
     }
