@@ -69,13 +69,30 @@ def _inspect(source: str | io.BytesIO) -> ImageInfo:
     with Image.open(source) as image:
         stored = image.size
         mode = image.mode
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        orientation = orientation if orientation in range(1, 9) else 1
+        orientation = _orientation(image)
         image.draft(mode, (1, 1))  # JPEG: decode at 1/8 scale; still reads the whole file
         image.load()
-    size = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
     kind = None if mode == "RGB" else _MODE_KINDS.get(mode, "other")
-    return ImageInfo(stored, size, orientation, mode, kind)
+    return ImageInfo(stored, _displayed_size(stored, orientation), orientation, mode, kind)
+
+
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` as displayed (EXIF orientation applied), from the header only.
+
+    Cheap (nothing is decoded) and unchecked: raises one of IMAGE_ERRORS for unreadable files.
+    """
+    with Image.open(path) as image:
+        return _displayed_size(image.size, _orientation(image))
+
+
+def _orientation(image: Image.Image) -> int:
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def _displayed_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """Orientations 5-8 turn the image by 90 degrees: width and height swap."""
+    return (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
 
 
 def eight_bit_png(source: str | Path | bytes) -> bytes:

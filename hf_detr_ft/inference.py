@@ -1,16 +1,55 @@
-"""Run a fine-tuned detector on images: batched forward pass and DETR post-processing."""
+"""Run a fine-tuned detector on images: batched forward pass and DETR post-processing.
+
+:func:`detect` does both steps for a list of images. :func:`prepare_batch` and
+:func:`detect_prepared` split it, so that a caller (:func:`hf_detr_ft.predict.predict`) can
+decode and prepare the next batch in a background thread while the model runs on this one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import PreTrainedModel
+from transformers import BatchFeature, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 
+@dataclass
+class PreparedBatch:
+    """Model inputs for some images and each image's (height, width), to scale boxes back."""
+
+    inputs: BatchFeature
+    sizes: list[tuple[int, int]]
+
+
+def prepare_batch(
+    image_processor: BaseImageProcessor, images: Sequence[Image.Image]
+) -> PreparedBatch:
+    """Resize, normalise and pad ``images`` (RGB) to one batch, as the processor was saved."""
+    images = [image.convert("RGB") for image in images]
+    inputs = image_processor(images=images, return_tensors="pt")
+    return PreparedBatch(inputs, [(image.height, image.width) for image in images])
+
+
 @torch.inference_mode()
+def detect_prepared(
+    model: PreTrainedModel,
+    image_processor: BaseImageProcessor,
+    batch: PreparedBatch,
+    *,
+    threshold: float = 0.5,
+) -> list[dict[str, torch.Tensor]]:
+    """Detections per image: ``scores``, ``labels`` (class indices), ``boxes`` (xyxy pixels)."""
+    model.eval()
+    outputs = model(**batch.inputs.to(model.device))
+    sizes = torch.tensor(batch.sizes, device=model.device)
+    return image_processor.post_process_object_detection(
+        outputs, threshold=threshold, target_sizes=sizes
+    )
+
+
 def detect(
     model: PreTrainedModel,
     image_processor: BaseImageProcessor,
@@ -18,12 +57,6 @@ def detect(
     *,
     threshold: float = 0.5,
 ) -> list[dict[str, torch.Tensor]]:
-    """Detections per image: ``scores``, ``labels`` (class indices), ``boxes`` (xyxy pixels)."""
-    model.eval()
-    images = [image.convert("RGB") for image in images]
-    inputs = image_processor(images=images, return_tensors="pt").to(model.device)
-    outputs = model(**inputs)
-    sizes = torch.tensor([image.size[::-1] for image in images], device=model.device)
-    return image_processor.post_process_object_detection(
-        outputs, threshold=threshold, target_sizes=sizes
-    )
+    """Detections per image of ``images``, as :func:`detect_prepared` returns them."""
+    batch = prepare_batch(image_processor, images)
+    return detect_prepared(model, image_processor, batch, threshold=threshold)

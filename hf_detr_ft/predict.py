@@ -1,8 +1,12 @@
 """Run a fine-tuned detector on image files, folders and globs; write pictures and one JSON.
 
-:func:`predict` reads the images in batches (:func:`hf_detr_ft.inference.detect`), decoded the
-way training decodes them (EXIF orientation applied, converted to RGB), so boxes fit the image
-as it is displayed. With ``output_dir`` it writes, per image, a copy with the boxes, class names
+:func:`predict` reads the images in batches, decoded the way training decodes them (EXIF
+orientation applied, converted to RGB), so boxes fit the image as it is displayed. Batches hold
+images of similar aspect ratio (sorted by their headers; the processor pads each batch to its
+largest image), and the next batch is decoded in a background thread while the model runs
+(see benchmarks/README.md). Results come back in the order the inputs were given.
+
+With ``output_dir`` it writes, per image, a copy with the boxes, class names
 and scores drawn (:func:`hf_detr_ft.visualize.draw_boxes`, one colour per class), and one
 ``predictions.json`` in COCO format::
 
@@ -23,6 +27,7 @@ import io
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import HfDetrFtError, ModelLoadError
 from .formats.voc import IMAGE_EXTENSIONS
-from .image_files import IMAGE_ERRORS, SIXTEEN_BIT_MODES, eight_bit_png
-from .inference import detect
+from .image_files import IMAGE_ERRORS, SIXTEEN_BIT_MODES, displayed_size, eight_bit_png
+from .inference import PreparedBatch, detect_prepared, prepare_batch
 from .model_speedups import apply_speedups
 from .modeling import _cannot_load_message, load_image_processor
 from .visualize import Boxes, draw_boxes
@@ -156,30 +161,25 @@ def predict(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    predictions: list[ImagePrediction] = []
+    pictures = _picture_names(files) if out is not None else {}
+    found: dict[Path, ImagePrediction] = {}
     unreadable: list[str] = []
-    picture_names: set[str] = set()
-    for batch in _batches(files, batch_size):
-        images, paths = [], []
-        for path in batch:
-            try:
-                images.append(open_image(path))
-                paths.append(path)
-            except IMAGE_ERRORS as err:
-                unreadable.append(f"{path} ({err})")
-        if not images:
+    for batch in _read_ahead(_batches(_by_aspect_ratio(files), batch_size), processor):
+        unreadable += batch.unreadable
+        if not batch.paths:
             continue
-        for path, image, found in zip(
-            paths, images, detect(detector, processor, images, threshold=threshold)
-        ):
-            boxes = Boxes(found["boxes"].cpu(), found["labels"].tolist(), found["scores"].tolist())
-            prediction = ImagePrediction(path, image.width, image.height, boxes)
+        detections = detect_prepared(detector, processor, batch.prepared, threshold=threshold)
+        for path, image, detected in zip(batch.paths, batch.images, detections):
+            boxes = Boxes(
+                detected["boxes"].cpu(), detected["labels"].tolist(), detected["scores"].tolist()
+            )
+            prediction = found[path] = ImagePrediction(path, image.width, image.height, boxes)
             if out is not None:
-                prediction.picture = out / _picture_name(path, picture_names)
+                prediction.picture = out / pictures[path]
                 if boxes.labels:  # (torchvision warns about drawing no boxes)
                     image = Image.fromarray(draw_boxes(image, boxes, class_names))
                 image.save(prediction.picture)
-            predictions.append(prediction)
+    predictions = [found[path] for path in files if path in found]  # in the order given
     if unreadable:
         logger.warning(
             "Skipped %d unreadable image(s): %s", len(unreadable), "; ".join(unreadable[:5])
@@ -223,16 +223,73 @@ def predictions_to_coco(
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
+@dataclass
+class _ReadBatch:
+    """A batch of decoded images ready for the model, and the files that could not be read."""
+
+    paths: list[Path]
+    images: list[Image.Image]
+    prepared: PreparedBatch | None
+    unreadable: list[str]
+
+
+def _read_batch(paths: Sequence[Path], processor: BaseImageProcessor) -> _ReadBatch:
+    images, readable, unreadable = [], [], []
+    for path in paths:
+        try:
+            images.append(open_image(path))
+            readable.append(path)
+        except IMAGE_ERRORS as err:
+            unreadable.append(f"{path} ({err})")
+    prepared = prepare_batch(processor, images) if images else None
+    return _ReadBatch(readable, images, prepared, unreadable)
+
+
+def _read_ahead(
+    batches: Iterable[Sequence[Path]], processor: BaseImageProcessor
+) -> Iterator[_ReadBatch]:
+    """Read and prepare each batch in a background thread while the caller runs the model on
+    the one before (decoding and the model release the GIL); one batch ahead at most."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = None
+        for paths in batches:
+            upcoming = reader.submit(_read_batch, paths, processor)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
+
+
+def _by_aspect_ratio(files: Sequence[Path]) -> list[Path]:
+    """The files sorted by displayed aspect ratio (headers only), so that a batch holds images
+    of similar shape and little is padded; unreadable files go last (reported when read)."""
+
+    def ratio(path: Path) -> float:
+        try:
+            width, height = displayed_size(path)
+        except IMAGE_ERRORS:
+            return float("inf")
+        return width / max(height, 1)
+
+    return sorted(files, key=ratio)
+
+
 def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _picture_name(path: Path, used: set[str]) -> str:
-    """The input's name (JPEG and PNG kept, anything else as PNG), made unique in the folder."""
-    suffix = _PICTURE_SUFFIXES.get(path.suffix.lower(), ".png")
-    name, n = f"{path.stem}{suffix}", 1
-    while name in used:
-        name, n = f"{path.stem}_{n}{suffix}", n + 1
-    used.add(name)
-    return name
+def _picture_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each input's picture name: its own name (JPEG and PNG kept, anything else as PNG), made
+    unique in the folder in the order the inputs were given."""
+    used: set[str] = set()
+    names = {}
+    for path in files:
+        suffix = _PICTURE_SUFFIXES.get(path.suffix.lower(), ".png")
+        name, n = f"{path.stem}{suffix}", 1
+        while name in used:
+            name, n = f"{path.stem}_{n}{suffix}", n + 1
+        used.add(name)
+        names[path] = name
+    return names

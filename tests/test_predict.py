@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from hf_detr_ft.cli import main
-from hf_detr_ft.predict import InputError, find_images, predict
+from hf_detr_ft.predict import InputError, _by_aspect_ratio, find_images, predict
 
 NUM_QUERIES = 10  # of the tiny model
 
@@ -92,3 +92,41 @@ def test_cli_predict(tiny_model_dir, shapes_dir, tmp_path, capsys) -> None:
     assert main(args) == 0
     assert f"{6 * NUM_QUERIES} objects (score >= 0.0) in 6 images" in capsys.readouterr().out
     assert len(list(out.glob("*.png"))) == 6 and (out / "predictions.json").is_file()
+
+
+def test_mixed_shapes_batched_by_shape_come_back_in_input_order(tiny_model_dir, tmp_path) -> None:
+    """Batches are sorted by aspect ratio (EXIF orientation counted), results and picture
+    names still follow the inputs' order."""
+    sizes = {"a/photo.jpg": (160, 40), "b/photo.jpg": (40, 120), "c/square.png": (90, 90),
+             "d/wide.jpg": (150, 60)}  # fmt: skip
+    inputs = []
+    for name, size in sizes.items():
+        path = tmp_path / name
+        path.parent.mkdir()
+        Image.new("RGB", size, (200, 40, 40)).save(path)
+        inputs.append(path)
+    turned = tmp_path / "e" / "turned.jpg"  # stored 160x40, displayed 40x160 (EXIF 6)
+    turned.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (160, 40), (40, 40, 200)).save(turned, exif=exif)
+    inputs.append(turned)
+
+    unreadable = tmp_path / "a"  # a folder
+    order = _by_aspect_ratio([*inputs, unreadable])
+    assert order == [turned, *(inputs[i] for i in (1, 2, 3, 0)), unreadable]  # tall to wide
+
+    out = tmp_path / "out"
+    found = predict(tiny_model_dir, inputs, threshold=0.0, output_dir=out, batch_size=2)
+
+    assert [p.path for p in found] == [p.resolve() for p in inputs]
+    assert [(p.width, p.height) for p in found] == [*sizes.values(), (40, 160)]
+    assert [p.picture.name for p in found] == [
+        "photo.jpg", "photo_1.jpg", "square.png", "wide.jpg", "turned.jpg"
+    ]  # fmt: skip
+    for prediction in found:
+        with Image.open(prediction.picture) as picture:
+            assert picture.size == (prediction.width, prediction.height)
+        assert len(prediction.boxes.labels) == NUM_QUERIES
+        assert prediction.boxes.xyxy[:, 2].max() <= prediction.width + 1e-3
+        assert prediction.boxes.xyxy[:, 3].max() <= prediction.height + 1e-3
