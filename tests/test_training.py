@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,21 @@ def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, t
     assert encoder_dtypes == {torch.bfloat16 if bf16 else torch.float32}  # autocast really ran
     assert trainer.model.dtype == torch.float32  # weights (and the optimizer) stay in fp32
     assert after < 0.8 * before
+
+
+def test_torch_compile_trains_the_sped_up_model(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    """--torch_compile with the folded norms and channels-last weights (aot_eager: the graph
+    capture that every backend starts from, without a C++ compilation in the test)."""
+    torch._dynamo.reset()
+    trainer = _trainer(
+        tiny_model_dir, shapes_dir, tmp_path, use_cpu=True, max_steps=3, logging_steps=1,
+        torch_compile=True, torch_compile_backend="aot_eager", eval_strategy="no",
+        save_strategy="no", load_best_model_at_end=False,
+    )  # fmt: skip
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not eager
 
 
 def test_optimizer_follows_the_detr_recipe(tiny_model_dir, shapes_dir, tmp_path) -> None:
