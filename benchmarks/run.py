@@ -69,7 +69,7 @@ SIZES = {
     "full": {"steps": 16, "epochs": 3, "r50_steps": 4, "r50_epochs": 2,
              "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "budget": 4.0},
     "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
-              "eval": [20, 50], "predict": 8, "pipeline": 4, "budget": 0.0},
+              "eval": [20, 50], "predict": 32, "pipeline": 4, "budget": 0.0},
     "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
               "eval": [4], "predict": 2, "pipeline": 1, "budget": 0.1},
 }  # fmt: skip
