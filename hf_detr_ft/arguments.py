@@ -70,7 +70,12 @@ class DataArguments:
     )
     image_size: int = field(default=800, metadata={"help": "Shortest image edge after resizing."})
     max_image_size: int = field(
-        default=1333, metadata={"help": "Longest image edge after resizing."}
+        default=1333,
+        metadata={
+            "help": "Longest image edge after resizing, at most; wins over image_size (e.g. "
+            "600 alone: every image's longest edge 600, as the transformers example's "
+            "image_square_size)."
+        },
     )
     min_scale: float = field(
         default=DEFAULT_MIN_SCALE,

@@ -98,14 +98,17 @@ def load_image_processor(
 ) -> BaseImageProcessor:
     """The checkpoint's image processor, resizing to ``image_size`` / ``max_image_size``.
 
-    A checkpoint without a ``preprocessor_config.json`` (e.g. one saved with only
+    The shortest edge becomes ``image_size`` unless the longest would then exceed
+    ``max_image_size``, which wins: ``max_image_size=600`` alone caps every image's longest
+    edge at 600, as the transformers example's ``image_square_size`` does (without padding to
+    a square). A checkpoint without a ``preprocessor_config.json`` (e.g. one saved with only
     ``model.save_pretrained``) gets DETR's standard processor.
     """
-    size = {"shortest_edge": image_size, "longest_edge": max_image_size}
-    if max_image_size < image_size:
+    if min(image_size, max_image_size) < 1:
         raise ValueError(
-            f"max_image_size ({max_image_size}) is smaller than image_size ({image_size})."
+            f"image_size and max_image_size must be positive, got {image_size}, {max_image_size}."
         )
+    size = {"shortest_edge": image_size, "longest_edge": max_image_size}
     try:
         return AutoImageProcessor.from_pretrained(
             str(model_name_or_path), size=size, revision=revision

@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import DetrConfig, DetrForObjectDetection
@@ -64,6 +65,11 @@ def test_unreachable_default_checkpoint_says_how_to_use_a_local_folder() -> None
 def test_image_processor_sizes_and_default(tiny_model_dir: Path, tmp_path: Path) -> None:
     processor = load_image_processor(tiny_model_dir, image_size=200, max_image_size=300)
     assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (200, 300)
+    capped = load_image_processor(tiny_model_dir, max_image_size=60)  # image_size 800
+    pixels = capped(images=np.zeros((48, 64, 3), dtype=np.uint8), return_tensors="pt")
+    assert pixels["pixel_values"].shape[-2:] == (45, 60)  # longest edge capped, aspect kept
+    with pytest.raises(ValueError, match="positive"):
+        load_image_processor(tiny_model_dir, image_size=0)
     fallback = load_image_processor(tmp_path, image_size=100, max_image_size=150)
     assert type(fallback).__name__ == "DetrImageProcessor"
     assert fallback.size["shortest_edge"] == 100
