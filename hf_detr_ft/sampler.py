@@ -32,6 +32,11 @@ from torch.utils.data import Sampler
 ASPECT_BINS_PER_SIDE = 3
 
 
+def aspect_ratios(widths: Sequence[float], heights: Sequence[float]) -> np.ndarray:
+    """Each image's width / height."""
+    return np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
+
+
 def aspect_ratio_groups(
     widths: Sequence[float], heights: Sequence[float], k: int = ASPECT_BINS_PER_SIDE
 ) -> np.ndarray:
@@ -40,7 +45,7 @@ def aspect_ratio_groups(
     With ``k=3`` the edges run from 1:2 to 2:1; portraits taller than 1:2 and panoramas wider
     than 2:1 get the two outer bins.
     """
-    ratios = np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
+    ratios = aspect_ratios(widths, heights)
     edges = 2.0 ** np.linspace(-1, 1, 2 * k + 1)
     return np.digitize(ratios, edges)
 
@@ -64,7 +69,7 @@ class AspectRatioGroupedSampler(Sampler[int]):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         if len(widths) != len(heights):
             raise ValueError(f"{len(widths)} widths but {len(heights)} heights.")
-        self.ratios = np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
+        self.ratios = aspect_ratios(widths, heights)
         self.groups = aspect_ratio_groups(widths, heights, k)
         self.batch_size = batch_size
         self.seed = seed
@@ -103,8 +108,7 @@ class AspectRatioSortedSampler(Sampler[int]):
     hold images of similar shape. The same on every process, as accelerate's sharding needs."""
 
     def __init__(self, widths: Sequence[float], heights: Sequence[float]) -> None:
-        ratios = np.asarray(widths, dtype=np.float64) / np.asarray(heights, dtype=np.float64)
-        self.order = [int(i) for i in np.argsort(ratios, kind="stable")]
+        self.order = [int(i) for i in np.argsort(aspect_ratios(widths, heights), kind="stable")]
 
     def __len__(self) -> int:
         return len(self.order)
