@@ -202,9 +202,12 @@ def predict_section(count: int, work: Path) -> dict[str, Any]:
     return row
 
 
-def learning_section(minutes: float, splits: dict[str, int], work: Path) -> dict[str, Any]:
+def learning_section(
+    minutes: float, splits: dict[str, int], work: Path, seed: int = 0
+) -> dict[str, Any]:
     """Test mAP after the same wall-clock training time from the demo checkpoint (class head
     re-initialised), ours vs the stock recipe; both final models evaluated by ``evaluate``.
+    ``seed`` is both sides' training seed (class head, data order); the data is always seed 0.
 
     Both sides train at the same time, each in its own process on half the cores, so that
     other jobs on the machine slow both alike: trained one after the other on shared cores,
@@ -215,12 +218,13 @@ def learning_section(minutes: float, splits: dict[str, int], work: Path) -> dict
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
         jobs = {
-            side: pool.submit(_learn_side, side, minutes * 60, data_dir, work / side, threads)
+            side: pool.submit(_learn_side, side, minutes * 60, data_dir, work / side, threads, seed)
             for side in ("ours", "stock")
         }
         trained = {side: job.result() for side, job in jobs.items()}
     row: dict[str, Any] = {
-        "budget_minutes": minutes, "threads_per_side": threads, "load_1min": os.getloadavg()[0],
+        "budget_minutes": minutes, "seed": seed, "threads_per_side": threads,
+        "load_1min": os.getloadavg()[0],
     }  # fmt: skip
     for side, (model_dir, steps) in trained.items():
         found = evaluate(model_dir, data_dir, "test", batch_size=16, device="cpu").metrics
@@ -237,32 +241,32 @@ def learning_section(minutes: float, splits: dict[str, int], work: Path) -> dict
 
 
 def _learn_side(
-    side: str, seconds: float, data_dir: Path, output_dir: Path, threads: int
+    side: str, seconds: float, data_dir: Path, output_dir: Path, threads: int, seed: int
 ) -> tuple[Path, int]:
     """One side of :func:`learning_section` in its own process: model folder, steps done."""
     torch.set_num_threads(threads)
     budget = TimeBudget(seconds)
     learn = _learn_ours if side == "ours" else _learn_stock
-    return learn(budget, data_dir, output_dir), budget.steps
+    return learn(budget, data_dir, output_dir, seed), budget.steps
 
 
-def _learn_ours(budget: TimeBudget, data_dir: Path, output_dir: Path) -> Path:
+def _learn_ours(budget: TimeBudget, data_dir: Path, output_dir: Path, seed: int) -> Path:
     """``finetune()`` with the demo's settings; no evaluation or checkpoints on the clock."""
     return finetune_with(
-        budget, data_dir, output_dir, seed=0, num_train_epochs=10_000,
+        budget, data_dir, output_dir, seed=seed, num_train_epochs=10_000,
         lr_scheduler_type="constant", eval_on_start=False, eval_strategy="no",
         save_strategy="no", load_best_model_at_end=False,
     )  # fmt: skip
 
 
-def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path) -> Path:
+def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path, seed: int) -> Path:
     """The stock recipe from the same checkpoint; saved with our 128 px processor, so that
     both models are evaluated on identical inputs (the test images are 128 px squares)."""
     from transformers import AutoModelForObjectDetection, set_seed
 
     data = load_detection_dataset(data_dir)
     names = data.class_names
-    set_seed(0)
+    set_seed(seed)
     model = AutoModelForObjectDetection.from_pretrained(
         DEMO_CHECKPOINT, id2label=dict(enumerate(names)), ignore_mismatched_sizes=True,
         label2id={name: i for i, name in enumerate(names)},
@@ -270,7 +274,7 @@ def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path) -> Path:
     processor = stock_processor(LEARNING_CAP)
     args = stock_arguments(
         str(output_dir), per_device_train_batch_size=LEARNING_BATCH, num_train_epochs=10_000,
-        lr_scheduler_type="constant", seed=0, logging_steps=100,
+        lr_scheduler_type="constant", seed=seed, logging_steps=100,
     )  # fmt: skip
     train = data.splits["train"].with_transform(StockTransform(processor))
     stock_trainer(model, args, train=train, processing_class=processor, callbacks=[budget]).train()
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         help="training time per side in the learning section (full: 4, --quick: 0 = skipped)",
     )
     parser.add_argument("--learning-only", action="store_true", help="only the learning section")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the learning section")
     args = parser.parse_args(argv)
     sizes = dict(SIZES["smoke" if args.smoke else "quick" if args.quick else "full"])
     sizes.update({k: getattr(args, k) for k in ("steps", "epochs") if getattr(args, k)})
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = sizes["budget"] if args.budget_minutes is None else args.budget_minutes
         if minutes > 0:
             splits = LEARNING_SMOKE_SPLITS if args.smoke else LEARNING_SPLITS
-            results["learning"] = learning_section(minutes, splits, work)
+            results["learning"] = learning_section(minutes, splits, work, args.seed)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"Wrote {args.output}")
