@@ -319,7 +319,7 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts (~3 min, 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small counts (~2 min, 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny counts: checks it all runs")
     parser.add_argument("--steps", type=int, help="training steps per epoch (the training set)")
     parser.add_argument("--epochs", type=int, help="timed training epochs after a warm-up one")

@@ -116,7 +116,7 @@ def _outputs_on_random_image(model: nn.Module) -> list[torch.Tensor] | None:
     model.eval()
     try:
         outputs = model(pixel_values=pixels)
-    except (TypeError, ValueError, RuntimeError) as err:
+    except Exception as err:  # an optional speed-up never stops a run (e.g. ZeRO-3 shards)
         logger.debug("Cannot check folded norms on this model: %s", err)
         return None
     finally:
