@@ -20,9 +20,21 @@ import pytest  # noqa: E402
 import torch
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
-from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    DetrConfig,
+    DetrForObjectDetection,
+    DetrImageProcessor,
+    ResNetConfig,
+    set_seed,
+)
 
+from hf_detr_ft.arguments import DetrTrainingArguments  # noqa: E402
+from hf_detr_ft.collate import collate_fn  # noqa: E402
+from hf_detr_ft.dataset import load_detection_dataset  # noqa: E402
+from hf_detr_ft.modeling import load_image_processor, load_model  # noqa: E402
 from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
+from hf_detr_ft.trainer import DetrTrainer  # noqa: E402
+from hf_detr_ft.transforms import DetrTransform  # noqa: E402
 
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
 TINY_IMAGE_SIZE = 64
@@ -48,6 +60,41 @@ def tiny_detr_config(num_labels: int = 5) -> DetrConfig:
         decoder_attention_heads=2,
         num_queries=10,
         num_labels=num_labels,
+    )
+
+
+def tiny_trainer(
+    model_dir: Path,
+    data_dir: Path,
+    output_dir: Path,
+    *,
+    max_image_size: int = TINY_IMAGE_SIZE,
+    train_images: int | None = None,
+    eval_split: str = "validation",
+    callbacks: list | None = None,
+    **args,
+) -> DetrTrainer:
+    """A DetrTrainer for the tiny model on a dataset folder, without augmentation (a fixed
+    problem): the first ``train_images`` training images, ``eval_split`` for evaluation."""
+    set_seed(0)  # the new class head is drawn at random when the model is loaded
+    data = load_detection_dataset(data_dir)
+    processor = load_image_processor(
+        model_dir, image_size=TINY_IMAGE_SIZE, max_image_size=max_image_size
+    )
+    transform = DetrTransform.for_evaluation(processor)
+    train = data.splits["train"]
+    if train_images is not None:
+        train = train.select(range(train_images))
+    return DetrTrainer(
+        model=load_model(model_dir, data.class_names),
+        args=DetrTrainingArguments(
+            output_dir=str(output_dir), report_to="none", disable_tqdm=True, **args
+        ),
+        train_dataset=train.with_transform(transform),
+        eval_dataset=data.splits[eval_split].with_transform(transform),
+        processing_class=processor,
+        data_collator=collate_fn,
+        callbacks=callbacks,
     )
 
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
+from conftest import tiny_trainer
 from torch.utils.data import BatchSampler
 
-from hf_detr_ft.arguments import DetrTrainingArguments
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
-from hf_detr_ft.modeling import load_image_processor, load_model
 from hf_detr_ft.sampler import (
     AspectRatioGroupedSampler,
     AspectRatioSortedSampler,
@@ -18,7 +15,6 @@ from hf_detr_ft.sampler import (
 )
 from hf_detr_ft.synthetic import make_shapes_dataset
 from hf_detr_ft.trainer import DetrTrainer
-from hf_detr_ft.transforms import DetrTransform
 
 # 23 images: portraits, landscapes, panoramas and squares, shuffled together.
 SHAPES = [(480, 640)] * 7 + [(640, 480)] * 6 + [(1200, 300)] * 5 + [(500, 500)] * 5
@@ -88,27 +84,11 @@ def _mixed_trainer(tiny_model_dir, tmp_path, **args) -> DetrTrainer:
         tmp_path / "mixed", splits={"train": 12, "valid": 3}, image_shapes=MIXED_SHAPES,
         min_size=8, max_size=24, seed=2,
     )  # fmt: skip
-    data = load_detection_dataset(data_dir)
-    processor = load_image_processor(tiny_model_dir, image_size=64, max_image_size=96)
-    transform = DetrTransform.for_evaluation(processor)
-    return DetrTrainer(
-        model=load_model(tiny_model_dir, data.class_names),
-        args=DetrTrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            report_to="none",
-            disable_tqdm=True,
-            per_device_train_batch_size=2,
-            eval_strategy="no",
-            save_strategy="no",
-            load_best_model_at_end=False,
-            logging_steps=1,
-            **args,
-        ),  # fmt: skip
-        train_dataset=data.splits["train"].with_transform(transform),
-        eval_dataset=data.splits["train"].with_transform(transform),
-        processing_class=processor,
-        data_collator=collate_fn,
-    )
+    return tiny_trainer(
+        tiny_model_dir, data_dir, tmp_path / "out", max_image_size=96, eval_split="train",
+        per_device_train_batch_size=2, eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, logging_steps=1, **args,
+    )  # fmt: skip
 
 
 def _padded_fraction(batches) -> float:

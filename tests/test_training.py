@@ -10,46 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BCCD
+from conftest import BCCD, tiny_trainer
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModelForObjectDetection,
     TrainerCallback,
     pipeline,
-    set_seed,
 )
 
-from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.evaluation import SUMMARY_METRICS
 from hf_detr_ft.finetune import METRICS_FILE, finetune
-from hf_detr_ft.modeling import load_image_processor, load_model
 from hf_detr_ft.synthetic import DEMO_CLASSES
 from hf_detr_ft.trainer import DetrTrainer, is_backbone_parameter
-from hf_detr_ft.transforms import DetrTransform
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"image_size": 64, "max_image_size": 64, "report_to": "none", "disable_tqdm": True}
 
 
 def _trainer(tiny_model_dir: Path, shapes_dir: Path, tmp_path: Path, **args) -> DetrTrainer:
-    set_seed(0)  # the new class head is drawn at random when the model is loaded
-    data = load_detection_dataset(shapes_dir)
-    processor = load_image_processor(tiny_model_dir, image_size=64, max_image_size=64)
-    transform = DetrTransform.for_evaluation(processor)  # no augmentation: a fixed problem
-    return DetrTrainer(
-        model=load_model(tiny_model_dir, data.class_names),
-        args=DetrTrainingArguments(
-            output_dir=str(tmp_path), report_to="none", disable_tqdm=True, **args
-        ),
-        train_dataset=data.splits["train"].select(range(4)).with_transform(transform),
-        eval_dataset=data.splits["validation"].with_transform(transform),
-        processing_class=processor,
-        data_collator=collate_fn,
-    )
+    return tiny_trainer(tiny_model_dir, shapes_dir, tmp_path, train_images=4, **args)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])

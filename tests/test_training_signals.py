@@ -9,24 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_detr_config
+from conftest import tiny_detr_config, tiny_trainer
 from transformers import AutoModelForObjectDetection, TrainerControl, TrainerState
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 
 from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.callbacks import TrainingDivergedError, TrainingSignalsCallback
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.finetune import finetune
-from hf_detr_ft.modeling import load_image_processor, load_model
 from hf_detr_ft.trainer import (
     DetrTrainer,
     add_training_signals,
     count_class_errors,
     training_signal_means,
 )
-from hf_detr_ft.transforms import DetrTransform
 
 NO_OBJECT = 3  # 3 classes: logits index 3 is "no object"
 NEAR, FAR = [0.25, 0.25, 0.2, 0.2], [0.8, 0.8, 0.1, 0.1]
@@ -91,26 +87,10 @@ def test_images_without_objects_have_no_class_error() -> None:
 
 
 def _trainer(tiny_model_dir: Path, shapes_dir: Path, out: Path, **args) -> DetrTrainer:
-    data = load_detection_dataset(shapes_dir)
-    processor = load_image_processor(tiny_model_dir, image_size=64, max_image_size=64)
-    transform = DetrTransform.for_evaluation(processor)
-    return DetrTrainer(
-        model=load_model(tiny_model_dir, data.class_names),
-        args=DetrTrainingArguments(
-            output_dir=str(out),
-            report_to="none",
-            disable_tqdm=True,
-            eval_strategy="no",
-            load_best_model_at_end=False,
-            per_device_train_batch_size=2,
-            **args,
-        ),
-        train_dataset=data.splits["train"].select(range(8)).with_transform(transform),
-        eval_dataset=data.splits["validation"].with_transform(transform),
-        processing_class=processor,
-        data_collator=collate_fn,
-        callbacks=[TrainingSignalsCallback()],
-    )
+    return tiny_trainer(
+        tiny_model_dir, shapes_dir, out, train_images=8, callbacks=[TrainingSignalsCallback()],
+        eval_strategy="no", load_best_model_at_end=False, per_device_train_batch_size=2, **args,
+    )  # fmt: skip
 
 
 def test_training_and_evaluation_log_detr_signals(tiny_model_dir, shapes_dir, tmp_path) -> None:
