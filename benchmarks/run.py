@@ -38,6 +38,7 @@ from measure import (  # noqa: E402
 from stock import (  # noqa: E402
     StockTransform,
     stock_arguments,
+    stock_collate,
     stock_compute_metrics,
     stock_processor,
     stock_trainer,
@@ -48,6 +49,7 @@ from workloads import (  # noqa: E402
     finetune_with,
     mixed_aspect_images,
     our_trainer,
+    phone_photos,
     save_random_model,
 )  # fmt: skip
 
@@ -67,11 +69,12 @@ CAP, BATCH = 600, 2
 #: learning). ``smoke`` only checks that everything runs (the test suite uses it).
 SIZES = {
     "full": {"steps": 16, "epochs": 3, "r50_steps": 4, "r50_epochs": 2,
-             "eval": [50, 200, 800], "predict": 32, "pipeline": 16, "budget": 4.0},
+             "eval": [50, 200, 800], "eval_photos": 50, "predict": 32, "pipeline": 16,
+             "budget": 4.0},
     "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
-              "eval": [20, 50], "predict": 32, "pipeline": 4, "budget": 0.0},
+              "eval": [20, 50], "eval_photos": 16, "predict": 32, "pipeline": 4, "budget": 0.0},
     "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
-              "eval": [4], "predict": 2, "pipeline": 1, "budget": 0.1},
+              "eval": [4], "eval_photos": 2, "predict": 2, "pipeline": 1, "budget": 0.1},
 }  # fmt: skip
 #: The fixed-budget comparison: the demo's data (128 px shapes, seed 0), its batch and cap.
 LEARNING_SPLITS = {"train": 400, "valid": 16, "test": 64}
@@ -122,30 +125,60 @@ def _stock_train_trainer(model_dir: Path, dataset, output_dir: Path, **args: Any
     )
 
 
-def pipeline_section(dataset, batches: int, model_rates: dict[str, float]) -> dict[str, Any]:
-    """Images/s of dataset + augmentation + processor + collate, no model, by worker count."""
+def pipeline_section(
+    dataset, photos, batches: int, model_rates: dict[str, float]
+) -> dict[str, Any]:
+    """Images/s of dataset + augmentation + processor + collate, no model: by worker count on
+    BCCD, and on phone-size photos ours (reduced JPEG decoding) vs every pixel decoded vs stock.
+    """
     from hf_detr_ft.modeling import load_image_processor
 
     processor = load_image_processor("none-such", image_size=CAP, max_image_size=CAP)
-    data = dataset.with_transform(DetrTransform.for_training(processor))
+    transform = DetrTransform.for_training(processor)
     result: dict[str, Any] = {"model_images_per_s": model_rates}
     for workers in sorted({0, 1, min(os.cpu_count() or 1, 4)}):
-        loader = DataLoader(data, batch_size=BATCH, collate_fn=collate_fn, num_workers=workers)
-        iterator = iter(loader)
-        next(iterator)  # workers started, first batch decoded
-        start = time.perf_counter()
-        count = sum(len(b["labels"]) for b, _ in zip(iterator, range(batches)))
-        rate = count / (time.perf_counter() - start)
+        rate = _loading_rate(transform.apply_to(dataset), collate_fn, batches, workers)
         result[f"workers_{workers}"] = {"images_per_s": rate, "per_worker": rate / max(workers, 1)}
         print(f"pipeline workers={workers}: {rate:7.1f} images/s")
+    photo_batches = len(photos) // BATCH - 1
+    loaders = {
+        "ours": (transform.apply_to(photos), collate_fn),
+        "full_decoding": (photos.with_transform(transform), collate_fn),
+        "stock": (photos.with_transform(StockTransform(stock_processor(CAP))), stock_collate),
+    }
+    row: dict[str, Any] = {
+        side: {"images_per_s": _loading_rate(data, collate, photo_batches)}
+        for side, (data, collate) in loaders.items()
+    }
+    row["speedup"] = row["ours"]["images_per_s"] / row["stock"]["images_per_s"]
+    result["phone_photos"] = row
+    print(
+        f"pipeline phone photos (12 MP JPEG): ours {row['ours']['images_per_s']:.1f}, every pixel "
+        f"decoded {row['full_decoding']['images_per_s']:.1f}, stock "
+        f"{row['stock']['images_per_s']:.1f} images/s  ratio {row['speedup']:.2f}x",
+        flush=True,
+    )
     return result
 
 
-def eval_section(counts: list[int], work: Path) -> dict[str, Any]:
-    """Evaluation wall time and peak memory growth, ours (streamed) vs gather-everything."""
+def _loading_rate(data, collate, batches: int, workers: int = 0) -> float:
+    """Images/s of ``batches`` batches from a DataLoader, after its first batch."""
+    loader = DataLoader(data, batch_size=BATCH, collate_fn=collate, num_workers=workers)
+    iterator = iter(loader)
+    next(iterator)  # workers started, first batch decoded
+    start = time.perf_counter()
+    count = sum(len(b["labels"]) for b, _ in zip(iterator, range(batches)))
+    return count / (time.perf_counter() - start)
+
+
+def eval_section(counts: list[int], photos: int, work: Path) -> dict[str, Any]:
+    """Evaluation wall time and peak memory growth, ours (streamed) vs gather-everything, on
+    ``counts`` mixed-aspect images and on ``photos`` phone-size photos."""
     result = {}
-    for count in counts:
-        dataset = mixed_aspect_images(work / "eval-data", count, seed=1)
+    evaluations = [(str(count), mixed_aspect_images(work / "eval-data", count, seed=1))
+                   for count in counts]  # fmt: skip
+    evaluations.append((f"{photos} photos", phone_photos(work / "photos", photos)))
+    for label, dataset in evaluations:
         names = dataset.features["objects"]["category"].feature.names
         model_dir = save_random_model("tiny", names, work / f"model-tiny-{len(names)}")
         ours = our_trainer(model_dir, dataset, CAP, work / "ours", per_device_eval_batch_size=8)
@@ -161,8 +194,9 @@ def eval_section(counts: list[int], work: Path) -> dict[str, Any]:
                 "map": metrics.get("eval_map", -1.0),
             }
         row["speedup"] = row["stock"]["seconds"] / row["ours"]["seconds"]
-        result[str(count)] = row
-        _print(f"eval {count} images", row, "seconds", "peak_growth_mb")
+        result[label] = row
+        _print(f"eval {label}" + (" images" if label.isdigit() else ""), row, "seconds",
+               "peak_growth_mb")  # fmt: skip
     return result
 
 
@@ -296,11 +330,12 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
     datasets = {
         "bccd": bccd_images(images),
         "mixed": mixed_aspect_images(work / "train-data", images),
+        "photos": phone_photos(work / "photos", max(images, 2 * BATCH)),
     }
     train = {}
     for kind in models:
         for name, dataset in datasets.items():
-            if kind == "r50" and quick and name != "bccd":
+            if kind == "r50" and (name == "photos" or (quick and name != "bccd")):
                 continue  # R50 steps take seconds on 2 CPU cores
             steps, epochs = sizes["steps"], sizes["epochs"]
             if kind == "r50":
@@ -310,9 +345,12 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
     return {
         "train": train,
         "pipeline": pipeline_section(
-            bccd_images((sizes["pipeline"] + 1) * BATCH), sizes["pipeline"], rates
-        ),
-        "eval": eval_section(sizes["eval"], work),
+            bccd_images((sizes["pipeline"] + 1) * BATCH),
+            datasets["photos"],
+            sizes["pipeline"],
+            rates,
+        ),  # fmt: skip
+        "eval": eval_section(sizes["eval"], sizes["eval_photos"], work),
         "predict": predict_section(sizes["predict"], work),
     }
 

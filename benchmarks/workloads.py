@@ -1,5 +1,6 @@
-"""What the benchmark runs on: the datasets (BCCD photos, a generated mixed-aspect set), the
-models (the tests' tiny DETR, DETR-R50 random init) and our side of each comparison."""
+"""What the benchmark runs on: the datasets (BCCD photos, the same photos at phone size, a
+generated mixed-aspect set), the models (the tests' tiny DETR, DETR-R50 random init) and our
+side of each comparison."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from PIL import Image
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig, TrainerCallback
 
 from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.dataset import detection_features, load_detection_dataset
 from hf_detr_ft.demo import DEMO_CHECKPOINT, DEMO_SETTINGS
 from hf_detr_ft.finetune import finetune
 from hf_detr_ft.modeling import load_image_processor, load_model
@@ -22,6 +24,8 @@ from hf_detr_ft.transforms import DetrTransform
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "bccd"
+#: Phone camera size (12 MP, 4:3), to which :func:`phone_photos` scales the BCCD photos.
+PHONE_SIZE = (4032, 3024)
 #: (width, height): portrait, landscape and panorama photos as phones and drones take them.
 MIXED_SHAPES = [(480, 640), (640, 480), (1200, 300), (360, 640), (640, 360), (1000, 250)]
 
@@ -31,6 +35,29 @@ def bccd_images(limit: int) -> Dataset:
     data = load_detection_dataset(BCCD, dataset_format="voc", validation_fraction=0)
     train = data.splits["train"]
     return train.select(range(min(limit, len(train))))
+
+
+def phone_photos(root: Path, count: int) -> Dataset:
+    """The first ``count`` BCCD photos scaled up to :data:`PHONE_SIZE` and saved as JPEG
+    (quality 90), boxes scaled with them: what a dataset of phone photos costs to decode."""
+    source = bccd_images(count)
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for example in source:
+        image = example["image"]
+        sx, sy = PHONE_SIZE[0] / image.width, PHONE_SIZE[1] / image.height
+        path = root / f"{example['image_id']}.jpg"
+        if not path.exists():
+            image.resize(PHONE_SIZE, Image.BICUBIC).save(path, format="JPEG", quality=90)
+        objects = dict(example["objects"])
+        objects["bbox"] = [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in objects["bbox"]]
+        objects["area"] = [area * sx * sy for area in objects["area"]]
+        records.append({
+            "image": {"path": str(path), "bytes": None}, "image_id": example["image_id"],
+            "width": PHONE_SIZE[0], "height": PHONE_SIZE[1], "objects": objects,
+        })  # fmt: skip
+    names = source.features["objects"]["category"].feature.names
+    return Dataset.from_list(records, features=detection_features(names))
 
 
 def mixed_aspect_images(root: Path, count: int, seed: int = 0) -> Dataset:
@@ -75,7 +102,7 @@ def our_trainer(
     processor at the same longest-edge cap as the stock one."""
     processor = load_image_processor(model_dir, image_size=cap, max_image_size=cap)
     names = dataset.features["objects"]["category"].feature.names
-    data = dataset.with_transform(DetrTransform.for_evaluation(processor))
+    data = DetrTransform.for_evaluation(processor).apply_to(dataset)
     settings = dict(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, save_strategy="no",
         eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,

@@ -3,7 +3,7 @@
 ``finetune()`` (Python), ``hf-detr-ft train`` and ``examples/train.py`` all end in
 :func:`run_training`::
 
-    dataset folder -> DetectionDataset -> with_transform(DetrTransform) -> collate_fn
+    dataset folder -> DetectionDataset -> DetrTransform.apply_to (with_transform) -> collate_fn
         -> DetrTrainer (train, COCO evaluation) -> output_dir (model, processor, metrics JSON,
            model card README.md) -> the Hub with push_to_hub (see hub.py)
 """
@@ -130,8 +130,8 @@ def run_training(
     trainer = DetrTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset.with_transform(train_transform),
-        eval_dataset=validation.with_transform(eval_transform),
+        train_dataset=train_transform.apply_to(train_dataset),
+        eval_dataset=eval_transform.apply_to(validation),
         processing_class=image_processor,
         data_collator=collate_fn,
         callbacks=[
@@ -152,7 +152,7 @@ def run_training(
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
 
-    metrics = trainer.evaluate(final_split.with_transform(eval_transform), metric_key_prefix="eval")
+    metrics = trainer.evaluate(eval_transform.apply_to(final_split), metric_key_prefix="eval")
     trainer.log_metrics(f"eval ({data.eval_split} split)", metrics)
     output_dir = Path(training_args.output_dir)
     card.final_metrics = metrics

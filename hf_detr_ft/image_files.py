@@ -14,11 +14,15 @@ bits, for the dataset to hold instead of the file.
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
 
 EXIF_ORIENTATION = 0x0112
@@ -83,6 +87,37 @@ def displayed_size(path: str | Path) -> tuple[int, int]:
     """
     with Image.open(path) as image:
         return _displayed_size(image.size, _orientation(image))
+
+
+def decode_for_resize(
+    value: Mapping[str, Any],
+    resized_size: Callable[[tuple[int, int]], tuple[int, int] | None],
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image of a dataset (``{"path", "bytes"}`` as ``datasets.Image(decode=False)``
+    holds it) as ``datasets.Image(mode="RGB")`` does, but no larger than the model will see it.
+
+    ``resized_size`` maps the displayed ``(width, height)`` to the size the image will be
+    resized to (``None``: unknown). A JPEG larger than that is decoded at the smallest scale
+    of 1/2, 1/4 or 1/8 that still covers it (Pillow's ``draft``: the scaling happens inside
+    the JPEG decoder, 3-6x faster for phone photos than decoding all pixels and resizing).
+    Other formats decode in full. Returns the RGB image and the displayed full size, which
+    annotations refer to.
+    """
+    path, data = value.get("path"), value.get("bytes")
+    if data is None and not (path and os.path.isfile(path)):
+        image = ImageFeature(mode="RGB").decode_example(dict(value))  # e.g. a file on the Hub
+        return image, image.size
+    image = Image.open(io.BytesIO(data) if data is not None else path)
+    orientation = _orientation(image)
+    size = _displayed_size(image.size, orientation)
+    target = resized_size(size)
+    if target is not None and target[0] < size[0] and target[1] < size[1]:
+        stored = _displayed_size(target, orientation)  # the 90-degree swap is its own inverse
+        image.draft(None, (max(1, stored[0]), max(1, stored[1])))
+    image.load()
+    if image.getexif().get(EXIF_ORIENTATION) is not None:
+        image = ImageOps.exif_transpose(image)
+    return (image if image.mode == "RGB" else image.convert("RGB")), size
 
 
 def _orientation(image: Image.Image) -> int:

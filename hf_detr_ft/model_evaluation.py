@@ -145,7 +145,7 @@ def evaluate(
             processing_class=processor,
             data_collator=collate_fn,
         )
-        found = trainer.evaluate(dataset.with_transform(DetrTransform.for_evaluation(processor)))
+        found = trainer.evaluate(DetrTransform.for_evaluation(processor).apply_to(dataset))
     result = EvaluationResult(
         model=str(model),
         dataset_dir=str(data.root),

@@ -90,8 +90,8 @@ def tiny_trainer(
         args=DetrTrainingArguments(
             output_dir=str(output_dir), report_to="none", disable_tqdm=True, **args
         ),
-        train_dataset=train.with_transform(transform),
-        eval_dataset=data.splits[eval_split].with_transform(transform),
+        train_dataset=transform.apply_to(train),
+        eval_dataset=transform.apply_to(data.splits[eval_split]),
         processing_class=processor,
         data_collator=collate_fn,
         callbacks=callbacks,

@@ -25,7 +25,7 @@ def test_benchmark_smoke_run_writes_its_json(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(output.read_text())
 
-    assert set(results["train"]) == {"tiny/bccd", "tiny/mixed"}
+    assert set(results["train"]) == {"tiny/bccd", "tiny/mixed", "tiny/photos"}
     for row in results["train"].values():
         for side in ("ours", "stock"):
             assert row[side]["images_per_s"] > 0 and row[side]["peak_rss_mb"] > 0
@@ -35,6 +35,8 @@ def test_benchmark_smoke_run_writes_its_json(tmp_path) -> None:
     assert results["train"]["tiny/bccd"]["stock"]["padded_fraction"] == pytest.approx(0.25)
     assert results["train"]["tiny/bccd"]["ours"]["padded_fraction"] == 0
     assert results["pipeline"]["workers_0"]["images_per_s"] > 0
+    photos = results["pipeline"]["phone_photos"]
+    assert all(photos[side]["images_per_s"] > 0 for side in ("ours", "full_decoding", "stock"))
     for row in [*results["eval"].values(), results["predict"]]:
         assert row["speedup"] > 0
     assert all(row["ours"]["seconds"] > 0 for row in results["eval"].values())

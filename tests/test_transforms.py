@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from PIL import Image
 from transformers import DetrImageProcessor
 
 from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.dataset import detection_features, load_detection_dataset
+from hf_detr_ft.image_files import decode_for_resize
 from hf_detr_ft.transforms import DetrTransform, train_scales
 
 
@@ -97,3 +102,78 @@ def test_training_augmentation_is_reproducible_from_the_seed(bccd_train, process
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     for other in (run(8), run(7, epoch=1)):
         assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other))
+
+
+def _big_photo_dataset(orientation: int):
+    """One 1600x1200 JPEG (stored; EXIF ``orientation``) with a box, as load_detection_dataset
+    would hold it: smooth content, like a photo, and annotations on the displayed image."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    stored = Image.fromarray(small).resize((1600, 1200), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", quality=92, exif=exif)
+    width, height = (1200, 1600) if orientation in (5, 6, 7, 8) else (1600, 1200)
+    record = {
+        "image": {"bytes": buffer.getvalue(), "path": None},
+        "image_id": 3, "width": width, "height": height,
+        "objects": {"id": [1], "bbox": [[100.0, 240.0, 600.0, 400.0]], "category": [0],
+                    "area": [240000.0], "iscrowd": [False]},
+    }  # fmt: skip
+    return Dataset.from_list([record], features=detection_features(["cell"]))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_is_decoded_reduced_with_the_same_result(processor, orientation) -> None:
+    dataset = _big_photo_dataset(orientation)
+    full_width, full_height = dataset[0]["image"].size  # datasets' own decoding
+    transform = DetrTransform.for_evaluation(processor)  # shortest 96, longest 160
+
+    value = dataset.cast_column("image", ImageFeature(decode=False))[0]["image"]
+    reduced, size = decode_for_resize(value, transform.resized_size)
+    assert size == (full_width, full_height)
+    assert reduced.mode == "RGB"
+    assert reduced.size == (full_width // 8, full_height // 8)  # 1/8 still covers 160x120
+    assert min(transform.resized_size(size)) <= min(reduced.size)
+
+    ours = transform.apply_to(dataset)[0]
+    reference = dataset.with_transform(transform)[0]  # every pixel decoded, then resized
+    assert ours["pixel_values"].shape == reference["pixel_values"].shape
+    assert (ours["pixel_values"] - reference["pixel_values"]).abs().mean() < 0.05
+    for key in ("boxes", "class_labels", "orig_size", "size"):
+        assert torch.allclose(ours["labels"][key].double(), reference["labels"][key].double(),
+                              atol=1e-5), key  # fmt: skip
+    assert ours["labels"]["orig_size"].tolist() == [full_height, full_width]
+    assert ours["labels"]["area"].item() == pytest.approx(reference["labels"]["area"].item())
+
+
+def test_training_decodes_for_the_largest_scale_and_keeps_boxes_inside(processor) -> None:
+    dataset = _big_photo_dataset(1)
+    transform = DetrTransform.for_training(DetrImageProcessor(
+        size={"shortest_edge": 400, "longest_edge": 700}), seed=1)  # fmt: skip
+    assert transform.resized_size((1600, 1200)) == (534, 400)  # scale 1/3, so draft 1/2
+    for epoch in range(4):
+        transform.set_epoch(epoch)
+        item = transform.apply_to(dataset)[0]
+        assert item["labels"]["orig_size"].tolist() == [1200, 1600]
+        height, width = item["pixel_values"].shape[-2:]
+        assert min(height, width) in transform.scales or max(height, width) == 700  # cropped
+        boxes = item["labels"]["boxes"]
+        assert boxes.shape == (1, 4) and torch.all((boxes >= 0) & (boxes <= 1))
+
+
+def test_other_formats_and_unresized_processors_decode_in_full(tmp_path, processor) -> None:
+    png = tmp_path / "photo.png"
+    Image.new("RGB", (800, 600), "white").save(png)
+    transform = DetrTransform.for_evaluation(processor)
+    image, size = decode_for_resize({"path": str(png), "bytes": None}, transform.resized_size)
+    assert image.size == size == (800, 600)
+    no_resize = DetrTransform.for_evaluation(DetrImageProcessor(do_resize=False))
+    assert no_resize.resized_size((800, 600)) is None
+    fixed = DetrTransform.for_evaluation(DetrImageProcessor(size={"height": 64, "width": 64}))
+    assert fixed.resized_size((800, 600)) == (64, 64)
+    capped = DetrTransform.for_evaluation(
+        DetrImageProcessor(size={"max_height": 300, "max_width": 300})
+    )  # the HF example's
+    assert capped.resized_size((800, 600)) == (300, 225)
