@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DatasetError
-from .image_files import IMAGE_ERRORS, eight_bit_png, inspect_image, orient_box
+from .image_files import IMAGE_ERRORS, eight_bit_png, inspect_all, inspect_image, orient_box
 from .layouts import SplitFiles
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,10 @@ def to_records(
     by_file: dict[str, int] = {}
     aliases: dict[int, int] = {}  # image id -> id of the first entry of the same file
     known_images: set[int] = set()
+    inspect_all(
+        found for entry in coco.images
+        if (found := _resolve_image(coco.files, str(entry.get("file_name")))) is not None
+    )  # fmt: skip
     for entry in coco.images:
         image_id = _image_id(entry, path)
         if image_id in known_images:

@@ -1,10 +1,11 @@
 """Check image files the way training will decode them, and orient boxes with EXIF.
 
-Training decodes every image with ``datasets.Image(mode="RGB")``: EXIF orientation applied,
-then ``convert("RGB")``. :func:`inspect_image` decodes each file once up front (at reduced
-JPEG resolution, so it is quick) so that truncated or unreadable files are found before any
-model is loaded, and reports the size as displayed, the stored size, the EXIF orientation and
-the kind of colour mode that will be converted.
+Training decodes every image as ``datasets.Image(mode="RGB")`` does: EXIF orientation applied,
+then ``convert("RGB")`` (:func:`decode_for_resize`, large JPEGs at a reduced scale).
+:func:`inspect_image` decodes each file once up front (at reduced JPEG resolution, so it is
+quick; :func:`inspect_all` on every core) so that truncated or unreadable files are found
+before any model is loaded, and reports the size as displayed, the stored size, the EXIF
+orientation and the kind of colour mode that will be converted.
 
 16-bit grayscale is the one mode ``convert("RGB")`` gets wrong (every value above 255 turns
 white), so :func:`eight_bit_png` re-encodes such an image, scaled from the 16-bit range to 8
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -62,6 +64,26 @@ def inspect_image(source: str | Path | bytes) -> ImageInfo:
     if isinstance(source, bytes):
         return _inspect(io.BytesIO(source))
     return _inspect_path(str(source))
+
+
+def inspect_all(paths: Iterable[str | Path]) -> None:
+    """Inspect many image files at once, one thread per core (Pillow decodes without holding
+    the GIL), so that :func:`inspect_image` then answers each of them from its cache. Errors
+    are not cached: :func:`inspect_image` raises them again for the caller to report."""
+    unique = list(dict.fromkeys(map(str, paths)))
+    workers = min(len(unique), os.cpu_count() or 1)
+    if workers < 2:
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(_inspect_or_none, unique):
+            pass
+
+
+def _inspect_or_none(path: str) -> ImageInfo | None:
+    try:
+        return _inspect_path(path)
+    except IMAGE_ERRORS:
+        return None
 
 
 @lru_cache(maxsize=65536)

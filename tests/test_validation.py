@@ -14,7 +14,13 @@ from PIL import Image
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.errors import DatasetError
-from hf_detr_ft.image_files import EXIF_ORIENTATION
+from hf_detr_ft.image_files import (
+    EXIF_ORIENTATION,
+    IMAGE_ERRORS,
+    _inspect_path,
+    inspect_all,
+    inspect_image,
+)
 from hf_detr_ft.validation import DATASET_WIDE, REPORT_JSON, REPORT_TEXT, build_report
 
 CATEGORIES = [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}]
@@ -84,6 +90,20 @@ def test_unreadable_and_truncated_images_are_dropped_and_counted(tmp_path: Path)
     assert "truncated" in problems[1].detail
     with pytest.raises(DatasetError, match=r"image 1 \(garbage.jpg\).*strict=True"):
         _load(tmp_path, strict=True)
+
+
+def test_inspect_all_caches_every_file_and_leaves_errors_to_inspect_image(tmp_path) -> None:
+    good = [tmp_path / f"{i}.jpg" for i in range(5)]
+    for i, path in enumerate(good):
+        _rgb(path, size=(40 + i, 30))
+    bad = tmp_path / "garbage.jpg"
+    bad.write_bytes(b"this is not an image")
+    inspect_all([*good, bad, good[0]])
+    before = _inspect_path.cache_info().hits
+    assert [inspect_image(path).size for path in good] == [(40 + i, 30) for i in range(5)]
+    assert _inspect_path.cache_info().hits == before + len(good)  # none read a second time
+    with pytest.raises(IMAGE_ERRORS):
+        inspect_image(bad)
 
 
 def test_image_size_differing_from_the_annotation_uses_the_file(tmp_path: Path) -> None:

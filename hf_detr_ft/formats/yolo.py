@@ -20,7 +20,7 @@ import yaml
 
 from ..coco_annotations import CocoFile
 from ..errors import DatasetError
-from ..image_files import IMAGE_ERRORS, inspect_image
+from ..image_files import IMAGE_ERRORS, inspect_all, inspect_image
 from ..layouts import SplitFiles
 from .voc import IMAGE_EXTENSIONS
 
@@ -55,6 +55,7 @@ def read_yolo(root: Path) -> list[CocoFile]:
         image_dir = images[0].parent if images else base
         coco = CocoFile(SplitFiles(split, config_path, image_dir), categories, [], [])
         coco.boxes_as_displayed = True
+        inspect_all(images)  # the sizes that _pixel_box needs, read on every core
         for image_path in images:
             image_id = next_image_id
             next_image_id += 1
