@@ -1,7 +1,7 @@
 """Make a loaded detector cheaper to run without changing what it computes or saves.
 
-Two changes, applied by :func:`apply_speedups` to every model the library trains, evaluates or
-predicts with (measured in benchmarks/README.md):
+Three changes, applied by :func:`apply_speedups` to every model the library trains, evaluates
+or predicts with (measured in benchmarks/README.md):
 
 * **Frozen BatchNorm folded into the convolution before it.** DETR's backbone normalises with
   frozen statistics (``DetrFrozenBatchNorm2d``: ``x * scale + shift`` with constant ``scale``
@@ -10,6 +10,9 @@ predicts with (measured in benchmarks/README.md):
   current parameters at each call, so the weight still trains): one pass instead of three.
   Parameters and buffers stay where they were, so the state dict, checkpoints and the
   optimizer see exactly the same tensors; only ``forward`` changes.
+* **In-place ReLUs in transformers' ResNet backbone**, as timm's and torchvision's ResNets
+  have: each one overwrites the freshly computed convolution (or residual sum) it follows
+  instead of writing a new feature map; nothing else reads that tensor, forward or backward.
 * **Channels-last convolution weights** (optional): oneDNN on CPUs and cuDNN with bf16/fp16
   on GPUs run NHWC convolutions faster; PyTorch then runs every convolution channels-last.
 
@@ -24,6 +27,11 @@ import logging
 
 import torch
 from torch import nn
+from transformers.models.resnet.modeling_resnet import (
+    ResNetBasicLayer,
+    ResNetBottleNeckLayer,
+    ResNetConvLayer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +57,33 @@ class FrozenNormConv2d(nn.Conv2d):
 
 
 def apply_speedups(model: nn.Module, *, channels_last: bool = True) -> None:
-    """Fold frozen norms into convolutions and, with ``channels_last``, store conv weights NHWC."""
+    """Fold frozen norms into convolutions, make the ResNet's ReLUs in-place and, with
+    ``channels_last``, store conv weights NHWC."""
     folded = fold_frozen_batchnorm(model)
     if folded:
         logger.info("Folded %d frozen BatchNorm layers into their convolutions.", folded)
+    inplace_resnet_activations(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+
+
+def inplace_resnet_activations(model: nn.Module) -> int:
+    """Make the ReLU of every transformers ResNet layer in-place; returns how many.
+
+    In those layers (``ResNetConvLayer``: conv, norm, activation; ``ResNetBasicLayer`` and
+    ``ResNetBottleNeckLayer``: residual added in place, then activation) the activation's input
+    is a new tensor that only the activation reads, so overwriting it changes no output and no
+    gradient; other modules' activations are left as they are.
+    """
+    layers = (ResNetConvLayer, ResNetBasicLayer, ResNetBottleNeckLayer)
+    activations = [
+        module.activation
+        for module in model.modules()
+        if isinstance(module, layers) and type(module.activation) is nn.ReLU
+    ]
+    for activation in activations:
+        activation.inplace = True
+    return len(activations)
 
 
 def fold_frozen_batchnorm(model: nn.Module) -> int:

@@ -1,7 +1,8 @@
 """Run a fine-tuned detector on image files, folders and globs; write pictures and one JSON.
 
-:func:`predict` reads the images in batches, decoded the way training decodes them (EXIF
-orientation applied, converted to RGB), so boxes fit the image as it is displayed. Batches hold
+:func:`predict` reads the images in batches, every pixel decoded (for the pictures) with
+training's EXIF orientation and RGB conversion, so boxes fit the image as it is displayed and
+match ``pipeline("object-detection")``. Batches hold
 images of similar aspect ratio (sorted by their headers; the processor pads each batch to its
 largest image), and the next batch is decoded in a background thread while the model runs
 (see benchmarks/README.md). Results come back in the order the inputs were given.
@@ -127,7 +128,8 @@ def find_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode an image as training does: EXIF orientation applied, RGB (16-bit scaled to 8)."""
+    """Decode all of an image, oriented and converted as in training: EXIF orientation
+    applied, RGB (16-bit scaled to 8)."""
     with Image.open(path) as image:
         if image.mode in SIXTEEN_BIT_MODES:
             with Image.open(io.BytesIO(eight_bit_png(path))) as scaled:

@@ -12,7 +12,12 @@ from torch import nn
 from transformers import DetrConfig, DetrForObjectDetection
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
-from hf_detr_ft.model_speedups import FrozenNormConv2d, apply_speedups, fold_frozen_batchnorm
+from hf_detr_ft.model_speedups import (
+    FrozenNormConv2d,
+    apply_speedups,
+    fold_frozen_batchnorm,
+    inplace_resnet_activations,
+)
 from hf_detr_ft.modeling import freeze_backbone_stem
 
 
@@ -77,6 +82,31 @@ def test_folding_keeps_outputs_and_gradients(backbone: str) -> None:
     torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
     assert grads.keys() == expected_grads.keys()
     assert any("backbone" in name for name in grads)  # the folded convolutions do train
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_all_speedups_keep_outputs_and_gradients_of_a_transformers_resnet() -> None:
+    model = small_detr("transformers")
+    reference = copy.deepcopy(model)
+    apply_speedups(model, channels_last=True)
+    backbone = [m for m in model.model.backbone.modules() if isinstance(m, nn.ReLU)]
+    assert backbone and all(relu.inplace for relu in backbone)  # tiny_detr_config's ResNet
+    others = [m for m in model.modules() if isinstance(m, nn.ReLU) and m not in backbone]
+    assert not any(relu.inplace for relu in others)  # modules not known to be safe
+    assert inplace_resnet_activations(reference) == len(backbone)
+    for relu in reference.modules():
+        if isinstance(relu, nn.ReLU):
+            relu.inplace = False
+
+    pixels = torch.randn(2, 3, 80, 112)
+    with torch.no_grad():
+        expected, got = reference.eval()(pixel_values=pixels), model.eval()(pixel_values=pixels)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    loss, grads = loss_and_gradients(model)  # autograd would raise on a needed tensor overwritten
+    expected_loss, expected_grads = loss_and_gradients(reference)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
