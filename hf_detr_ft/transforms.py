@@ -129,10 +129,9 @@ class DetrTransform:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         pixel_values, labels = [], []
         for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
+            full_size = None  # an image decoded by datasets: at its full size
             if isinstance(image, dict):  # still encoded: see apply_to
                 image, full_size = decode_for_resize(image, self.resized_size)
-            else:
-                full_size = image.size
             encoded = self.encode(np.array(image), image_id, objects, full_size)
             pixel_values.append(encoded["pixel_values"][0])
             labels.append(encoded["labels"][0])
