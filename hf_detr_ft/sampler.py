@@ -16,7 +16,10 @@ keep every batch intact. The order depends only on ``seed`` and the epoch, so ev
 computes the same one, as that sharding requires.
 
 Evaluation batches are grouped too (:class:`AspectRatioSortedSampler`): the order of the
-evaluation images does not change any metric, so they are simply sorted by aspect ratio.
+evaluation images does not change any metric, so the same bins are cut into batches in a fixed
+order, images sorted by aspect ratio within each bin and among the leftovers. (Sorting alone
+would start a new batch wherever the previous shape ran out: with a few images of each
+shape, most batches would straddle two shapes.)
 
 Aspect ratios come from the dataset's ``width`` and ``height`` columns: no image is decoded.
 """
@@ -88,27 +91,49 @@ class AspectRatioGroupedSampler(Sampler[int]):
     def batches(self) -> list[list[int]]:
         """This epoch's batches: full single-bin batches in random order, then the mixed rest."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.groups))
-        full, leftovers = [], []
-        for group in np.unique(self.groups):
-            members = order[self.groups[order] == group]
-            cut = len(members) - len(members) % self.batch_size
-            full += [members[i : i + self.batch_size] for i in range(0, cut, self.batch_size)]
-            leftovers += list(members[cut:])
-        leftovers.sort(key=lambda index: self.ratios[index])
-        rest = [
-            leftovers[i : i + self.batch_size] for i in range(0, len(leftovers), self.batch_size)
-        ]
-        shuffled = [full[i] for i in rng.permutation(len(full))]
-        return [[int(i) for i in batch] for batch in shuffled + rest]
+        full, rest = grouped_batches(
+            rng.permutation(len(self.groups)), self.groups, self.ratios, self.batch_size
+        )
+        return [full[i] for i in rng.permutation(len(full))] + rest
+
+
+def grouped_batches(
+    order: np.ndarray, groups: np.ndarray, ratios: np.ndarray, batch_size: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Cut ``order`` (every index once) into full batches of one bin each, keeping the order
+    within a bin, and batches of the leftovers (fewer than a batch per bin) sorted by ratio."""
+    full, leftovers = [], []
+    for group in np.unique(groups):
+        members = order[groups[order] == group]
+        cut = len(members) - len(members) % batch_size
+        full += [members[i : i + batch_size] for i in range(0, cut, batch_size)]
+        leftovers += list(members[cut:])
+    leftovers.sort(key=lambda index: ratios[index])
+    rest = [leftovers[i : i + batch_size] for i in range(0, len(leftovers), batch_size)]
+    return [[int(i) for i in batch] for batch in full], [[int(i) for i in b] for b in rest]
 
 
 class AspectRatioSortedSampler(Sampler[int]):
-    """Every index once, sorted by aspect ratio (stable): the evaluation order, whose batches
-    hold images of similar shape. The same on every process, as accelerate's sharding needs."""
+    """Every index once, in batches of one aspect-ratio bin (sorted by ratio within it), the
+    leftovers last: the evaluation order. Fixed, so the same on every process, as accelerate's
+    sharding needs."""
 
-    def __init__(self, widths: Sequence[float], heights: Sequence[float]) -> None:
-        self.order = [int(i) for i in np.argsort(aspect_ratios(widths, heights), kind="stable")]
+    def __init__(
+        self,
+        widths: Sequence[float],
+        heights: Sequence[float],
+        batch_size: int,
+        *,
+        k: int = ASPECT_BINS_PER_SIDE,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        ratios = aspect_ratios(widths, heights)
+        by_ratio = np.argsort(ratios, kind="stable")
+        full, rest = grouped_batches(
+            by_ratio, aspect_ratio_groups(widths, heights, k), ratios, batch_size
+        )
+        self.order = [index for batch in full + rest for index in batch]
 
     def __len__(self) -> int:
         return len(self.order)

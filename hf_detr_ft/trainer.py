@@ -137,11 +137,11 @@ class DetrTrainer(Trainer):
         return AspectRatioGroupedSampler(*sizes, self._train_batch_size, seed=seed)
 
     def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
-        """Evaluation images sorted by aspect ratio (batches of similar shapes), when asked for."""
+        """Evaluation batches of similar aspect ratio (a fixed order), when asked for."""
         sizes = self._image_sizes(eval_dataset)
         if sizes is None:
             return super()._get_eval_sampler(eval_dataset)
-        return AspectRatioSortedSampler(*sizes)
+        return AspectRatioSortedSampler(*sizes, self.args.eval_batch_size)
 
     def _image_sizes(self, dataset: Any) -> tuple[list[int], list[int]] | None:
         """The images' widths and heights with ``group_by_aspect_ratio``, if the data has them."""

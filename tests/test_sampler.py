@@ -112,8 +112,12 @@ def test_trainer_batches_by_aspect_ratio_and_trains(tiny_model_dir, tmp_path) ->
 def test_evaluation_batches_sorted_by_aspect_ratio_cover_every_image(
     tiny_model_dir, tmp_path
 ) -> None:
-    sorted_order = AspectRatioSortedSampler([96, 32, 64, 32], [64, 64, 64, 128])
-    assert list(sorted_order) == [3, 1, 2, 0] and len(sorted_order) == 4
+    sorted_order = AspectRatioSortedSampler([96, 32, 64, 32], [64, 64, 64, 128], batch_size=2)
+    assert list(sorted_order) == [3, 1, 2, 0] and len(sorted_order) == 4  # one image per bin
+    # three landscapes, three portraits, batches of 2: sorting alone would give a mixed batch in
+    # the middle; full batches of one shape come first, the two leftovers last
+    alternating = AspectRatioSortedSampler([640, 480] * 3, [480, 640] * 3, batch_size=2)
+    assert list(alternating) == [1, 3, 0, 2, 5, 4]
 
     grouped = _mixed_trainer(tiny_model_dir, tmp_path, per_device_eval_batch_size=2)
     batches = list(grouped.get_eval_dataloader())
