@@ -32,7 +32,6 @@ DataLoader workers or processes does not change the augmentations.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +48,8 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_utils import get_image_size_for_max_height_width
 
 from .image_files import decode_for_resize
 
@@ -139,27 +140,27 @@ class DetrTransform:
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """The largest ``(width, height)`` the processor will resize an image of ``size`` to
-        (training: at the largest scale); ``None`` when it does not resize by a known rule."""
-        processor = self.image_processor
-        if not processor.do_resize:
-            return None
-        rule = dict(processor.size)
+        (training: at the largest scale), by the processor's own rules in its order; ``None``
+        when it does not resize."""
+        rule = dict(self.image_processor.size)
         if self.scales:
             rule["shortest_edge"] = max(self.scales)
         width, height = size
-        if "height" in rule and "width" in rule:
-            return rule["width"], rule["height"]
-        limits = []
-        if "shortest_edge" in rule:
-            limits.append(rule["shortest_edge"] / min(width, height))
-        if "longest_edge" in rule:
-            limits.append(rule["longest_edge"] / max(width, height))
-        if "max_height" in rule and "max_width" in rule:
-            limits.append(min(rule["max_height"] / height, rule["max_width"] / width))
-        if not limits:
+        if not self.image_processor.do_resize:
             return None
-        scale = min(limits)
-        return math.ceil(width * scale), math.ceil(height * scale)
+        if rule.get("shortest_edge") and rule.get("longest_edge"):
+            new_height, new_width = get_size_with_aspect_ratio(
+                (height, width), rule["shortest_edge"], rule["longest_edge"]
+            )
+        elif rule.get("max_height") and rule.get("max_width"):
+            new_height, new_width = get_image_size_for_max_height_width(
+                (height, width), rule["max_height"], rule["max_width"]
+            )
+        elif rule.get("height") and rule.get("width"):
+            new_height, new_width = rule["height"], rule["width"]
+        else:
+            return None
+        return new_width, new_height
 
     def encode(
         self,
