@@ -137,7 +137,7 @@ def decode_for_resize(
         stored = _displayed_size(target, orientation)  # the 90-degree swap is its own inverse
         image.draft(None, (max(1, stored[0]), max(1, stored[1])))
     image.load()
-    if image.getexif().get(EXIF_ORIENTATION) is not None:
+    if orientation != 1:  # read above; datasets transposes any tag, a no-op for 1 or invalid
         image = ImageOps.exif_transpose(image)
     return (image if image.mode == "RGB" else image.convert("RGB")), size
 

@@ -142,12 +142,12 @@ class DetrTransform:
         """The largest ``(width, height)`` the processor will resize an image of ``size`` to
         (training: at the largest scale), by the processor's own rules in its order; ``None``
         when it does not resize."""
+        if not self.image_processor.do_resize:
+            return None
         rule = dict(self.image_processor.size)
         if self.scales:
             rule["shortest_edge"] = max(self.scales)
         width, height = size
-        if not self.image_processor.do_resize:
-            return None
         if rule.get("shortest_edge") and rule.get("longest_edge"):
             new_height, new_width = get_size_with_aspect_ratio(
                 (height, width), rule["shortest_edge"], rule["longest_edge"]
