@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 from transformers import BatchFeature, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -25,12 +26,20 @@ class PreparedBatch:
 
 
 def prepare_batch(
-    image_processor: BaseImageProcessor, images: Sequence[Image.Image]
+    image_processor: BaseImageProcessor, images: Sequence[Image.Image | torch.Tensor]
 ) -> PreparedBatch:
-    """Resize, normalise and pad ``images`` (RGB) to one batch, as the processor was saved."""
-    images = [image.convert("RGB") for image in images]
-    inputs = image_processor(images=images, return_tensors="pt")
-    return PreparedBatch(inputs, [(image.height, image.width) for image in images])
+    """Resize, normalise and pad ``images`` to one batch, as the processor was saved.
+
+    ``images`` are PIL images (converted to RGB) or uint8 RGB tensors (3, H, W), as
+    :func:`hf_detr_ft.predict.read_pixels` decodes them; the processor gets tensors either way
+    (the same numbers as from PIL, without its copy through NumPy).
+    """
+    pixels = [
+        image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
+        for image in images
+    ]
+    inputs = image_processor(images=pixels, input_data_format="channels_first", return_tensors="pt")
+    return PreparedBatch(inputs, [(p.shape[-2], p.shape[-1]) for p in pixels])
 
 
 @torch.inference_mode()
@@ -53,7 +62,7 @@ def detect_prepared(
 def detect(
     model: PreTrainedModel,
     image_processor: BaseImageProcessor,
-    images: Sequence[Image.Image],
+    images: Sequence[Image.Image | torch.Tensor],
     *,
     threshold: float = 0.5,
 ) -> list[dict[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 :func:`predict` reads the images in batches, every pixel decoded (for the pictures) with
 training's EXIF orientation and RGB conversion, so boxes fit the image as it is displayed and
-match ``pipeline("object-detection")``. Batches hold
+match ``pipeline("object-detection")`` (:func:`read_pixels`: camera JPEGs straight into
+tensors with torchvision, anything else with Pillow). Batches hold
 images of similar aspect ratio (sorted by their headers; the processor pads each batch to its
 largest image), and the next batch is decoded in a background thread while the model runs
 (see benchmarks/README.md). Results come back in the order the inputs were given.
@@ -35,6 +36,8 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -137,6 +140,26 @@ def open_image(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
+def read_pixels(path: Path) -> torch.Tensor:
+    """All of an image as uint8 RGB pixels (3, H, W), oriented and converted as
+    :func:`open_image` does.
+
+    An RGB or grayscale JPEG, what cameras write, is decoded by torchvision straight into a
+    tensor (libjpeg-turbo as in Pillow, EXIF orientation applied): about twice as fast as
+    Pillow and the copy out of it, which matters when a small model predicts on a CPU
+    (benchmarks/README.md). Any other file, and a JPEG torchvision refuses (truncated, say),
+    goes through :func:`open_image`, which decodes it or raises Pillow's error.
+    """
+    with Image.open(path) as image:
+        camera_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+    if camera_jpeg:
+        try:
+            return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            pass  # Pillow says what is wrong with it
+    return pil_to_tensor(open_image(path))
+
+
 def predict(
     model: str | Path,
     inputs: str | Path | Iterable[str | Path],
@@ -171,16 +194,15 @@ def predict(
         if not batch.paths:
             continue
         detections = detect_prepared(detector, processor, batch.prepared, threshold=threshold)
-        for path, image, detected in zip(batch.paths, batch.images, detections):
+        for path, pixels, detected in zip(batch.paths, batch.images, detections):
             boxes = Boxes(
                 detected["boxes"].cpu(), detected["labels"].tolist(), detected["scores"].tolist()
             )
-            prediction = found[path] = ImagePrediction(path, image.width, image.height, boxes)
+            height, width = pixels.shape[-2:]
+            prediction = found[path] = ImagePrediction(path, width, height, boxes)
             if out is not None:
                 prediction.picture = out / pictures[path]
-                if boxes.labels:  # (torchvision warns about drawing no boxes)
-                    image = Image.fromarray(draw_boxes(image, boxes, class_names))
-                image.save(prediction.picture)
+                Image.fromarray(draw_boxes(pixels, boxes, class_names)).save(prediction.picture)
     predictions = [found[path] for path in files if path in found]  # in the order given
     if unreadable:
         logger.warning(
@@ -230,7 +252,7 @@ class _ReadBatch:
     """A batch of decoded images ready for the model, and the files that could not be read."""
 
     paths: list[Path]
-    images: list[Image.Image]
+    images: list[torch.Tensor]  # uint8 RGB pixels (3, H, W)
     prepared: PreparedBatch | None
     unreadable: list[str]
 
@@ -239,7 +261,7 @@ def _read_batch(paths: Sequence[Path], processor: BaseImageProcessor) -> _ReadBa
     images, readable, unreadable = [], [], []
     for path in paths:
         try:
-            images.append(open_image(path))
+            images.append(read_pixels(path))
             readable.append(path)
         except IMAGE_ERRORS as err:
             unreadable.append(f"{path} ({err})")

@@ -43,21 +43,24 @@ def class_colors(num_classes: int) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(num_classes)]
 
 
-def draw_boxes(image: Image.Image, boxes: Boxes, class_names: Sequence[str]) -> np.ndarray:
-    """The image with its boxes and "name score" labels drawn, as an HxWx3 array.
+def draw_boxes(
+    image: Image.Image | torch.Tensor, boxes: Boxes, class_names: Sequence[str]
+) -> np.ndarray:
+    """The image (PIL, or uint8 RGB pixels (3, H, W)) with its boxes and "name score" labels
+    drawn, as an HxWx3 array.
 
     Labels are white text on a box of the class colour, in matplotlib's DejaVu Sans sized to
     the image, so they stay readable on any background and at any resolution (torchvision's
     default bitmap font is a few pixels high).
     """
-    pixels = pil_to_tensor(image.convert("RGB"))
+    pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
     if not boxes.labels:
         return pixels.permute(1, 2, 0).numpy()
     colors = class_colors(len(class_names))
     captions = [class_names[label] for label in boxes.labels]
     if boxes.scores is not None:
         captions = [f"{c} {s:.2f}" for c, s in zip(captions, boxes.scores)]
-    longest_edge = max(image.size)
+    longest_edge = max(pixels.shape[-2:])
     drawn = draw_bounding_boxes(
         pixels,
         boxes.xyxy,

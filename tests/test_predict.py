@@ -7,12 +7,23 @@ import io
 import json
 import logging
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from torchvision.transforms.functional import pil_to_tensor
 
 from hf_detr_ft.cli import main
-from hf_detr_ft.predict import InputError, _by_aspect_ratio, find_images, predict
+from hf_detr_ft.image_files import IMAGE_ERRORS
+from hf_detr_ft.predict import (
+    InputError,
+    _by_aspect_ratio,
+    find_images,
+    open_image,
+    predict,
+    read_pixels,
+)
 
 NUM_QUERIES = 10  # of the tiny model
 
@@ -130,3 +141,47 @@ def test_mixed_shapes_batched_by_shape_come_back_in_input_order(tiny_model_dir, 
         assert len(prediction.boxes.labels) == NUM_QUERIES
         assert prediction.boxes.xyxy[:, 2].max() <= prediction.width + 1e-3
         assert prediction.boxes.xyxy[:, 3].max() <= prediction.height + 1e-3
+
+
+def _photo(size: tuple[int, int]) -> Image.Image:
+    """A smooth RGB gradient (JPEG keeps it nearly exact), so decoders can be compared."""
+    width, height = size
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    pixels = np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_pixels_decodes_jpeg_as_pillow_does(orientation, tmp_path) -> None:
+    """torchvision's JPEG path turns the image by EXIF as Pillow's does, same pixels."""
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _photo((96, 64)).save(path, quality=95, exif=exif)
+
+    pixels = read_pixels(path)
+    expected = pil_to_tensor(open_image(path))
+    assert pixels.dtype == torch.uint8 and pixels.shape == expected.shape
+    assert (pixels.int() - expected.int()).abs().max() <= 2  # libjpeg-turbo builds may round
+
+
+def test_read_pixels_other_files_and_errors(tmp_path) -> None:
+    gray = tmp_path / "gray.jpg"
+    _photo((40, 30)).convert("L").save(gray)
+    assert read_pixels(gray).shape == (3, 30, 40)  # grayscale JPEG: three equal channels
+    assert (read_pixels(gray)[0] == read_pixels(gray)[2]).all()
+
+    for name, image in {
+        "cmyk.jpg": _photo((40, 30)).convert("CMYK"),  # Pillow's CMYK conversion, as training
+        "alpha.png": _photo((40, 30)).convert("RGBA"),
+        "deep.png": Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)),  # 16-bit
+    }.items():
+        image.save(tmp_path / name)
+        assert torch.equal(read_pixels(tmp_path / name), pil_to_tensor(open_image(tmp_path / name)))
+    assert read_pixels(tmp_path / "deep.png").max() < 255  # scaled to 8 bits, not white
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((gray).read_bytes()[:200])
+    with pytest.raises(IMAGE_ERRORS):  # predict skips it with a warning
+        read_pixels(truncated)
