@@ -68,7 +68,7 @@ CAP, BATCH = 600, 2
 #: fixed budget (0: no learning section; a budget under a few minutes measures warm-up, not
 #: learning). ``smoke`` only checks that everything runs (the test suite uses it).
 SIZES = {
-    "full": {"steps": 16, "epochs": 3, "r50_steps": 4, "r50_epochs": 3,
+    "full": {"steps": 16, "epochs": 3, "r50_steps": 6, "r50_epochs": 3,
              "eval": [50, 200, 800], "eval_photos": 50, "predict": 128, "pipeline": 16,
              "budget": 4.0},
     "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from .errors import ArgumentError
 from .modeling import DEFAULT_MODEL
 from .transforms import DEFAULT_MIN_SCALE
 
@@ -162,6 +163,21 @@ class DetrTrainingArguments(TrainingArguments):
             "oneDNN on CPUs and with bf16/fp16 on GPUs (see benchmarks/README.md)."
         },
     )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep an exponential moving average of the weights with this decay (e.g. "
+            "0.993) and evaluate, select, save and push it instead of the last weights (0: off; "
+            "not with FSDP or DeepSpeed; see hf_detr_ft/ema.py)."
+        },
+    )
+    ema_tau: float = field(
+        default=100.0,
+        metadata={
+            "help": "Optimizer steps over which the average's decay ramps up to ema_decay: "
+            "decay x (1 - exp(-step / ema_tau))."
+        },
+    )
     hub_license: str | None = field(
         default="apache-2.0",
         metadata={"help": "License in the model card (default: that of facebook/detr-resnet-50)."},
@@ -182,6 +198,15 @@ class DetrTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Stop training (instead of only warning) when that check fails."},
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ArgumentError(
+                f"ema_decay must be at least 0 (off) and below 1, got {self.ema_decay}."
+            )
+        if self.ema_tau <= 0:
+            raise ArgumentError(f"ema_tau must be positive, got {self.ema_tau}.")
 
     def __getstate__(self) -> dict:
         """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""

@@ -14,6 +14,10 @@ class DatasetError(HfDetrFtError):
     """The dataset folder or its annotations cannot be used as they are."""
 
 
+class ArgumentError(HfDetrFtError, ValueError):
+    """An argument's value cannot work (out of range, or not with this setup)."""
+
+
 class ModelLoadError(HfDetrFtError):
     """The starting checkpoint cannot be loaded."""
 

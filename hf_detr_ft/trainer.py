@@ -15,6 +15,10 @@
   (:mod:`hf_detr_ft.model_speedups`; same outputs, same state dict).
 * Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
   count in transformers 5).
+* Weight average (``ema_decay`` > 0): an EMA of the weights (:mod:`hf_detr_ft.ema`) is what
+  evaluation scores, checkpoints and the final save hold, best-model selection picks and the
+  Hub gets; each checkpoint also keeps the optimizer's own weights, so a resume is exact. After
+  ``train()`` the model holds the average.
 * Hub: the repo is created and the final push made through :mod:`hf_detr_ft.hub` (clear
   errors, only the files a model repo needs, the card of ``ModelCardCallback`` kept); the
   Trainer's own checkpoint pushes (``hub_strategy``) are unchanged.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,13 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .checkpoints import discard_checkpoint, random_state_kept
 from .compat import fix_object_detection_loss_normalisation
+from .ema import (
+    UpdateAverageCallback,
+    WeightAverage,
+    load_training_weights,
+    save_training_weights,
+)
+from .errors import ArgumentError
 from .evaluation import CocoEvaluator
 from .hub import create_hub_repo, push_output_dir
 from .model_speedups import apply_speedups
@@ -121,9 +133,36 @@ class DetrTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.model is not None:
             apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
+        self._weight_average = self._create_weight_average()
         self._evaluator: CocoEvaluator | None = None
         self._eval_loss_terms: dict[str, float] = defaultdict(float)
         self._train_signals: dict[str, float] = defaultdict(float)
+
+    def _create_weight_average(self) -> WeightAverage | None:
+        """The EMA of the weights asked for by ``ema_decay``, updated after each optimizer step."""
+        decay = getattr(self.args, "ema_decay", 0.0)
+        if not decay or self.model is None:
+            return None
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ArgumentError(
+                "ema_decay works with one or several processes (DDP), not with FSDP or DeepSpeed, "
+                "which shard the parameters; train without --ema_decay there."
+            )
+        average = WeightAverage(self.model, decay, self.args.ema_tau)
+        self.add_callback(UpdateAverageCallback(average))
+        return average
+
+    def _averaged(self) -> AbstractContextManager:
+        """Inside, the model holds the weight average (when there is one)."""
+        average = self._weight_average
+        return average.swapped_in() if average is not None else nullcontext()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's training; then, with a weight average, the model takes its values."""
+        output = super().train(*args, **kwargs)
+        if self._weight_average is not None:
+            self._weight_average.apply()
+        return output
 
     def _get_train_sampler(
         self, train_dataset: datasets.Dataset | None = None
@@ -179,8 +218,13 @@ class DetrTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
+        """Load the checkpoint's model (with EMA: the average, which the EMA restarts from),
+        then the optimizer's own weights when the checkpoint kept them aside."""
         if not self._load_saved_weights(resume_from_checkpoint, model or self.model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._weight_average is not None:
+            self._weight_average.restart()
+        load_training_weights(self.model, resume_from_checkpoint)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The Trainer's save, into a folder cleared of any earlier save of the same step."""
@@ -189,8 +233,16 @@ class DetrTrainer(Trainer):
         )
         if self.args.should_save and os.path.isdir(folder):
             discard_checkpoint(folder)  # e.g. a save of this step killed before the resume
+        if self.args.should_save and self._weight_average is not None:
+            os.makedirs(folder, exist_ok=True)  # before trainer_state.json marks it complete
+            save_training_weights(self._weight_average, folder)
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, of the weight average when there is one."""
+        with self._averaged():
+            super().save_model(output_dir, _internal_call)
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Save, then wait: trainer_state.json comes next and must mean "every file written"."""
@@ -200,6 +252,8 @@ class DetrTrainer(Trainer):
     def _load_best_model(self) -> None:
         if not self._load_saved_weights(self.state.best_model_checkpoint, self.model_wrapped):
             super()._load_best_model()
+        if self._weight_average is not None:
+            self._weight_average.restart()  # the best checkpoint's model is an average
 
     def _load_saved_weights(self, checkpoint: str, model: nn.Module) -> bool:
         """Load a ``save_pretrained`` checkpoint's weights in place; False if not applicable."""
@@ -262,7 +316,7 @@ class DetrTrainer(Trainer):
         self._evaluator = CocoEvaluator.from_dataset(dataloader.dataset)
         self._eval_loss_terms = defaultdict(float)
         try:
-            with random_state_kept():
+            with random_state_kept(), self._averaged():
                 output = super().evaluation_loop(
                     dataloader, description, True, ignore_keys, metric_key_prefix
                 )
