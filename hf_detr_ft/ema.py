@@ -91,16 +91,16 @@ def save_training_weights(average: WeightAverage, folder: str | Path) -> None:
     save_file(tensors, os.path.join(folder, TRAINING_WEIGHTS_FILE))
 
 
-def load_training_weights(model: nn.Module, folder: str | Path) -> bool:
-    """Load a checkpoint's training weights into ``model`` in place; False if it has none."""
+def load_training_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load a checkpoint's training weights into ``model`` in place, if it kept them (a run
+    with EMA, resumed with or without it, goes on from the optimizer's weights)."""
     path = os.path.join(folder, TRAINING_WEIGHTS_FILE)
     if not os.path.isfile(path):
-        return False
+        return
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in load_file(path).items():
             params[name].copy_(tensor)
-    return True
 
 
 class UpdateAverageCallback(TrainerCallback):

@@ -437,11 +437,14 @@ def training_hyperparameters(
         args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     )
     length = {"max_steps": args.max_steps} if args.max_steps > 0 else {}
+    ema_decay = getattr(args, "ema_decay", 0.0)
+    average = {"ema_decay": ema_decay, "ema_tau": args.ema_tau} if ema_decay else {}
     return {
         "learning_rate": args.learning_rate,
         "lr_backbone": getattr(args, "lr_backbone", args.learning_rate),
         "weight_decay": args.weight_decay,
         "max_grad_norm": args.max_grad_norm,
+        **average,
         "optimizer": getattr(args.optim, "value", args.optim),
         "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         "warmup_steps": args.warmup_steps,

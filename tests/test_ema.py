@@ -15,6 +15,7 @@ from transformers import AutoModelForObjectDetection, TrainerCallback
 from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.ema import TRAINING_WEIGHTS_FILE, WeightAverage
 from hf_detr_ft.errors import ArgumentError
+from hf_detr_ft.model_card import training_hyperparameters
 
 DECAY, TAU = 0.8, 2.0
 EMA = {"ema_decay": DECAY, "ema_tau": TAU}
@@ -137,10 +138,16 @@ def test_resume_from_a_checkpoint_continues_the_same_weights_and_average(
             assert torch.allclose(tensor, other, atol=1e-6), (name, key)
 
 
-def test_ema_arguments_are_checked(tmp_path) -> None:
+def test_ema_arguments_are_checked_and_named_in_the_model_card(tmp_path) -> None:
     for bad in ({"ema_decay": 1.0}, {"ema_decay": -0.1}, {"ema_tau": 0.0}):
         with pytest.raises(ArgumentError, match="ema_"):
             DetrTrainingArguments(output_dir=str(tmp_path), **bad)
+    sizes = {"image_size": 800, "max_image_size": 1333}
+    with_ema = DetrTrainingArguments(output_dir=str(tmp_path), ema_decay=0.99, ema_tau=50)
+    listed = training_hyperparameters(with_ema, **sizes)
+    assert listed["ema_decay"] == 0.99 and listed["ema_tau"] == 50
+    plain = training_hyperparameters(DetrTrainingArguments(output_dir=str(tmp_path)), **sizes)
+    assert "ema_decay" not in plain and "ema_tau" not in plain
 
 
 def test_the_best_checkpoint_loaded_at_the_end_is_its_average(

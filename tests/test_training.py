@@ -186,3 +186,11 @@ def test_cli_reports_user_mistakes_without_traceback(
     err = capsys.readouterr().err
     assert code == 2
     assert "num_classes=5" in err and "3 classes" in err and "Traceback" not in err
+
+    code = cli_main([
+        "train", "--dataset_dir", str(shapes_dir), "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(tmp_path), "--ema_decay", "1.5",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "ema_decay must be" in err and "Traceback" not in err
