@@ -26,20 +26,25 @@ class PreparedBatch:
 
 
 def prepare_batch(
-    image_processor: BaseImageProcessor, images: Sequence[Image.Image | torch.Tensor]
+    image_processor: BaseImageProcessor,
+    images: Sequence[Image.Image | torch.Tensor],
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> PreparedBatch:
     """Resize, normalise and pad ``images`` to one batch, as the processor was saved.
 
     ``images`` are PIL images (converted to RGB) or uint8 RGB tensors (3, H, W), as
     :func:`hf_detr_ft.predict.read_pixels` decodes them; the processor gets tensors either way
-    (the same numbers as from PIL, without its copy through NumPy).
+    (the same numbers as from PIL, without its copy through NumPy). ``sizes``: the
+    ``(height, width)`` the boxes are for, when an image was decoded at a reduced scale
+    (default: the images' own).
     """
     pixels = [
         image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
         for image in images
     ]
     inputs = image_processor(images=pixels, input_data_format="channels_first", return_tensors="pt")
-    return PreparedBatch(inputs, [(p.shape[-2], p.shape[-1]) for p in pixels])
+    sizes = list(sizes) if sizes is not None else [(p.shape[-2], p.shape[-1]) for p in pixels]
+    return PreparedBatch(inputs, sizes)
 
 
 @torch.inference_mode()

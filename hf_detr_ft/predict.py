@@ -1,9 +1,11 @@
 """Run a fine-tuned detector on image files, folders and globs; write pictures and one JSON.
 
-:func:`predict` reads the images in batches, every pixel decoded (for the pictures) with
-training's EXIF orientation and RGB conversion, so boxes fit the image as it is displayed and
-match ``pipeline("object-detection")`` (:func:`read_pixels`: camera JPEGs straight into
-tensors with torchvision, anything else with Pillow). Batches hold
+:func:`predict` reads the images in batches with training's EXIF orientation and RGB
+conversion, so boxes fit the image as it is displayed, and decodes each as evaluation does
+(:func:`read_pixels`): a JPEG at least twice as large as the model's input at a reduced
+scale (Pillow's ``draft``), other camera JPEGs straight into tensors with torchvision,
+anything else with Pillow. The pictures, drawn at the input's size, decode every pixel.
+Batches hold
 images of similar aspect ratio (sorted by their headers; the processor pads each batch to its
 largest image), and the next batch is decoded in a background thread while the model runs
 (see benchmarks/README.md). Results come back in the order the inputs were given.
@@ -28,7 +30,7 @@ import glob
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +45,17 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .errors import HfDetrFtError, ModelLoadError
 from .formats.voc import IMAGE_EXTENSIONS
-from .image_files import IMAGE_ERRORS, SIXTEEN_BIT_MODES, displayed_size, eight_bit_png
+from .image_files import (
+    IMAGE_ERRORS,
+    SIXTEEN_BIT_MODES,
+    decode_for_resize,
+    displayed_size,
+    eight_bit_png,
+)
 from .inference import PreparedBatch, detect_prepared, prepare_batch
 from .model_speedups import apply_speedups
 from .modeling import _cannot_load_message, load_image_processor
+from .transforms import DetrTransform
 from .visualize import Boxes, draw_boxes
 
 logger = logging.getLogger(__name__)
@@ -140,24 +149,38 @@ def open_image(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def read_pixels(path: Path) -> torch.Tensor:
-    """All of an image as uint8 RGB pixels (3, H, W), oriented and converted as
-    :func:`open_image` does.
+def read_pixels(
+    path: Path, resized_size: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image as uint8 RGB pixels (3, H, W), oriented and converted as :func:`open_image`
+    does, and its ``(width, height)`` as displayed (the size boxes refer to).
 
-    An RGB or grayscale JPEG, what cameras write, is decoded by torchvision straight into a
-    tensor (libjpeg-turbo as in Pillow, EXIF orientation applied): about twice as fast as
-    Pillow and the copy out of it, which matters when a small model predicts on a CPU
-    (benchmarks/README.md). Any other file, and a JPEG torchvision refuses (truncated, say),
-    goes through :func:`open_image`, which decodes it or raises Pillow's error.
+    With ``resized_size`` (the model's input size for a displayed size, as
+    :meth:`~hf_detr_ft.transforms.DetrTransform.resized_size`), a JPEG at least twice as
+    large as that is decoded at 1/2, 1/4 or 1/8 scale, as training and evaluation decode it
+    (:func:`~hf_detr_ft.image_files.decode_for_resize`: a phone photo several times faster).
+    Any other RGB or grayscale JPEG, what cameras write, is decoded by torchvision straight
+    into a tensor (libjpeg-turbo as in Pillow, EXIF orientation applied): about twice as fast
+    as Pillow and the copy out of it. Other files, and JPEGs torchvision refuses (truncated,
+    say), go through :func:`open_image`, which decodes them or raises Pillow's error.
     """
     with Image.open(path) as image:
         camera_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+    if camera_jpeg and resized_size is not None:
+        size = displayed_size(path)
+        target = resized_size(size)
+        if target is not None and 2 * target[0] <= size[0] and 2 * target[1] <= size[1]:
+            image, size = decode_for_resize({"path": str(path), "bytes": None}, resized_size)
+            return pil_to_tensor(image), size
+    pixels = None
     if camera_jpeg:
         try:
-            return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
         except RuntimeError:
             pass  # Pillow says what is wrong with it
-    return pil_to_tensor(open_image(path))
+    if pixels is None:
+        pixels = pil_to_tensor(open_image(path))
+    return pixels, (pixels.shape[-1], pixels.shape[-2])
 
 
 def predict(
@@ -189,18 +212,20 @@ def predict(
     pictures = _picture_names(files) if out is not None else {}
     found: dict[Path, ImagePrediction] = {}
     unreadable: list[str] = []
-    for batch in _read_ahead(_batches(_by_aspect_ratio(files), batch_size), processor):
+    batches = _batches(_by_aspect_ratio(files), batch_size)
+    for batch in _read_ahead(batches, processor, with_pictures=out is not None):
         unreadable += batch.unreadable
         if not batch.paths:
             continue
         detections = detect_prepared(detector, processor, batch.prepared, threshold=threshold)
-        for path, pixels, detected in zip(batch.paths, batch.images, detections):
+        for path, (width, height), pixels, detected in zip(
+            batch.paths, batch.sizes, batch.pictures, detections
+        ):
             boxes = Boxes(
                 detected["boxes"].cpu(), detected["labels"].tolist(), detected["scores"].tolist()
             )
-            height, width = pixels.shape[-2:]
             prediction = found[path] = ImagePrediction(path, width, height, boxes)
-            if out is not None:
+            if pixels is not None:
                 prediction.picture = out / pictures[path]
                 Image.fromarray(draw_boxes(pixels, boxes, class_names)).save(prediction.picture)
     predictions = [found[path] for path in files if path in found]  # in the order given
@@ -249,35 +274,50 @@ def predictions_to_coco(
 
 @dataclass
 class _ReadBatch:
-    """A batch of decoded images ready for the model, and the files that could not be read."""
+    """A batch ready for the model, its images' displayed ``(width, height)``, their full
+    pixels for the pictures (``None`` each without pictures) and the files not read."""
 
     paths: list[Path]
-    images: list[torch.Tensor]  # uint8 RGB pixels (3, H, W)
+    sizes: list[tuple[int, int]]
+    pictures: list[torch.Tensor | None]
     prepared: PreparedBatch | None
     unreadable: list[str]
 
 
-def _read_batch(paths: Sequence[Path], processor: BaseImageProcessor) -> _ReadBatch:
-    images, readable, unreadable = [], [], []
+def _read_batch(
+    paths: Sequence[Path], processor: BaseImageProcessor, with_pictures: bool
+) -> _ReadBatch:
+    resized_size = DetrTransform.for_evaluation(processor).resized_size
+    batch = _ReadBatch([], [], [], None, [])
+    inputs = []
     for path in paths:
         try:
-            images.append(read_pixels(path))
-            readable.append(path)
+            pixels, size = read_pixels(path, resized_size)
+            picture = None
+            if with_pictures:  # every pixel: the model's input may have been decoded reduced
+                picture = pixels if pixels.shape[-1] == size[0] else read_pixels(path)[0]
         except IMAGE_ERRORS as err:
-            unreadable.append(f"{path} ({err})")
-    prepared = prepare_batch(processor, images) if images else None
-    return _ReadBatch(readable, images, prepared, unreadable)
+            batch.unreadable.append(f"{path} ({err})")
+            continue
+        inputs.append(pixels)
+        batch.paths.append(path)
+        batch.sizes.append(size)
+        batch.pictures.append(picture)
+    if inputs:
+        heights_widths = [(height, width) for width, height in batch.sizes]
+        batch.prepared = prepare_batch(processor, inputs, sizes=heights_widths)
+    return batch
 
 
 def _read_ahead(
-    batches: Iterable[Sequence[Path]], processor: BaseImageProcessor
+    batches: Iterable[Sequence[Path]], processor: BaseImageProcessor, with_pictures: bool
 ) -> Iterator[_ReadBatch]:
     """Read and prepare each batch in a background thread while the caller runs the model on
     the one before (decoding and the model release the GIL); one batch ahead at most."""
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = None
         for paths in batches:
-            upcoming = reader.submit(_read_batch, paths, processor)
+            upcoming = reader.submit(_read_batch, paths, processor, with_pictures)
             if pending is not None:
                 yield pending.result()
             pending = upcoming

@@ -37,10 +37,11 @@ def test_benchmark_smoke_run_writes_its_json(tmp_path) -> None:
     assert results["pipeline"]["workers_0"]["images_per_s"] > 0
     photos = results["pipeline"]["phone_photos"]
     assert all(photos[side]["images_per_s"] > 0 for side in ("ours", "full_decoding", "stock"))
-    for row in [*results["eval"].values(), results["predict"]]:
+    for row in [*results["eval"].values(), results["predict"], results["predict_photos"]]:
         assert row["speedup"] > 0
     assert all(row["ours"]["seconds"] > 0 for row in results["eval"].values())
-    assert results["predict"]["stock"]["images_per_s"] > 0
+    for row in (results["predict"], results["predict_photos"]):
+        assert row["ours"]["images_per_s"] > 0 and row["stock"]["images_per_s"] > 0
     # fixed-budget learning: both sides trained until the clock stopped them, then evaluated
     for side in ("ours", "stock"):
         row = results["learning"][side]

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from torchvision.transforms.functional import pil_to_tensor
+from transformers import DetrImageProcessor
 
 from hf_detr_ft.cli import main
 from hf_detr_ft.image_files import IMAGE_ERRORS
@@ -24,6 +25,7 @@ from hf_detr_ft.predict import (
     predict,
     read_pixels,
 )
+from hf_detr_ft.transforms import DetrTransform
 
 NUM_QUERIES = 10  # of the tiny model
 
@@ -160,17 +162,18 @@ def test_read_pixels_decodes_jpeg_as_pillow_does(orientation, tmp_path) -> None:
     exif[0x0112] = orientation
     _photo((96, 64)).save(path, quality=95, exif=exif)
 
-    pixels = read_pixels(path)
+    pixels, size = read_pixels(path)
     expected = pil_to_tensor(open_image(path))
     assert pixels.dtype == torch.uint8 and pixels.shape == expected.shape
+    assert size == (expected.shape[2], expected.shape[1])  # (width, height) as displayed
     assert (pixels.int() - expected.int()).abs().max() <= 2  # libjpeg-turbo builds may round
 
 
 def test_read_pixels_other_files_and_errors(tmp_path) -> None:
     gray = tmp_path / "gray.jpg"
     _photo((40, 30)).convert("L").save(gray)
-    assert read_pixels(gray).shape == (3, 30, 40)  # grayscale JPEG: three equal channels
-    assert (read_pixels(gray)[0] == read_pixels(gray)[2]).all()
+    pixels, _ = read_pixels(gray)
+    assert pixels.shape == (3, 30, 40) and (pixels[0] == pixels[2]).all()  # three equal channels
 
     for name, image in {
         "cmyk.jpg": _photo((40, 30)).convert("CMYK"),  # Pillow's CMYK conversion, as training
@@ -178,10 +181,39 @@ def test_read_pixels_other_files_and_errors(tmp_path) -> None:
         "deep.png": Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)),  # 16-bit
     }.items():
         image.save(tmp_path / name)
-        assert torch.equal(read_pixels(tmp_path / name), pil_to_tensor(open_image(tmp_path / name)))
-    assert read_pixels(tmp_path / "deep.png").max() < 255  # scaled to 8 bits, not white
+        pixels, _ = read_pixels(tmp_path / name)
+        assert torch.equal(pixels, pil_to_tensor(open_image(tmp_path / name)))
+    assert read_pixels(tmp_path / "deep.png")[0].max() < 255  # scaled to 8 bits, not white
 
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes((gray).read_bytes()[:200])
     with pytest.raises(IMAGE_ERRORS):  # predict skips it with a warning
         read_pixels(truncated)
+
+
+def test_large_jpegs_are_read_reduced_for_the_model_and_drawn_in_full(
+    tiny_model_dir, tmp_path
+) -> None:
+    """A JPEG much larger than the model's input (64 px) is decoded at a reduced scale, as in
+    evaluation; boxes, sizes and the picture stay in the displayed image's pixels."""
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 800x600, displayed 600x800
+    _photo((800, 600)).save(photo, quality=95, exif=exif)
+    processor = DetrImageProcessor.from_pretrained(tiny_model_dir)  # as saved: 64 px
+    resized_size = DetrTransform.for_evaluation(processor).resized_size
+
+    reduced, size = read_pixels(photo, resized_size)
+    assert size == (600, 800)
+    assert reduced.shape == (3, 100, 75)  # 1/8 still covers the 48x64 input
+    full, _ = read_pixels(photo)
+    assert full.shape == (3, 800, 600)
+    small = torch.nn.functional.interpolate(full[None].float(), size=(100, 75), mode="area")
+    assert (small[0] - reduced.float()).abs().mean() < 3  # the same picture, turned alike
+
+    [found] = predict(tiny_model_dir, photo, threshold=0.0, output_dir=tmp_path / "out")
+    assert (found.width, found.height) == (600, 800)
+    assert found.boxes.xyxy[:, 2].max() > 75 and found.boxes.xyxy[:, 3].max() > 100
+    assert found.boxes.xyxy[:, 2].max() <= 600 + 1e-3 and found.boxes.xyxy[:, 3].max() <= 800 + 1e-3
+    with Image.open(found.picture) as picture:
+        assert picture.size == (600, 800)
