@@ -5,10 +5,9 @@ conversion, so boxes fit the image as it is displayed, and decodes each as evalu
 (:func:`read_pixels`): a JPEG at least twice as large as the model's input at a reduced
 scale (Pillow's ``draft``), other camera JPEGs straight into tensors with torchvision,
 anything else with Pillow. The pictures, drawn at the input's size, decode every pixel.
-Batches hold
-images of similar aspect ratio (sorted by their headers; the processor pads each batch to its
-largest image), and the next batch is decoded in a background thread while the model runs
-(see benchmarks/README.md). Results come back in the order the inputs were given.
+Batches hold images of similar aspect ratio (sorted by their headers; the processor pads each
+batch to its largest image), and the next batch is decoded in a background thread while the
+model runs (see benchmarks/README.md). Results come back in the order the inputs were given.
 
 With ``output_dir`` it writes, per image, a copy with the boxes, class names
 and scores drawn (:func:`hf_detr_ft.visualize.draw_boxes`, one colour per class), and one
