@@ -64,20 +64,20 @@ from hf_detr_ft.transforms import DetrTransform  # noqa: E402
 CAP, BATCH = 600, 2
 #: Per mode: training steps per epoch (the training set is ``steps x BATCH`` images; one
 #: warm-up epoch, then ``epochs`` timed ones; R50 at most ``r50_steps`` and ``r50_epochs``),
-#: evaluation set sizes, predicted images, pipeline batches, minutes of training per side at a
+#: evaluation set sizes (mixed, phone photos, BCCD), predicted images (BCCD, phone photos),
+#: pipeline batches, minutes of training per side at a
 #: fixed budget (0: no learning section; a budget under a few minutes measures warm-up, not
 #: learning). ``smoke`` only checks that everything runs (the test suite uses it).
 SIZES = {
     "full": {"steps": 16, "epochs": 3, "r50_steps": 6, "r50_epochs": 3,
-             "eval": [50, 200, 800], "eval_photos": 50, "predict": 128, "predict_photos": 32,
-             "pipeline": 16,
-             "budget": 4.0},
+             "eval": [50, 200, 800], "eval_photos": 50, "eval_bccd": 200,
+             "predict": 128, "predict_photos": 32, "pipeline": 16, "budget": 4.0},
     "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
-              "eval": [20, 50], "eval_photos": 16, "predict": 32, "predict_photos": 8,
-              "pipeline": 4, "budget": 0.0},
+              "eval": [20, 50], "eval_photos": 16, "eval_bccd": 50,
+              "predict": 32, "predict_photos": 8, "pipeline": 4, "budget": 0.0},
     "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
-              "eval": [4], "eval_photos": 2, "predict": 2, "predict_photos": 2, "pipeline": 1,
-              "budget": 0.1},
+              "eval": [4], "eval_photos": 2, "eval_bccd": 2,
+              "predict": 2, "predict_photos": 2, "pipeline": 1, "budget": 0.1},
 }  # fmt: skip
 #: The fixed-budget comparison: the demo's data (128 px shapes, seed 0), its batch and cap.
 LEARNING_SPLITS = {"train": 400, "valid": 16, "test": 64}
@@ -174,12 +174,14 @@ def _loading_rate(data, collate, batches: int, workers: int = 0) -> float:
     return count / (time.perf_counter() - start)
 
 
-def eval_section(counts: list[int], photos: int, work: Path) -> dict[str, Any]:
+def eval_section(counts: list[int], photos: int, bccd: int, work: Path) -> dict[str, Any]:
     """Evaluation wall time and peak memory growth, ours (streamed) vs gather-everything, on
-    ``counts`` mixed-aspect images and on ``photos`` phone-size photos."""
+    ``counts`` mixed-aspect images (PNG), ``bccd`` real BCCD photos (640x480 JPEG) and
+    ``photos`` phone-size photos."""
     result = {}
     evaluations = [(str(count), mixed_aspect_images(work / "eval-data", count, seed=1))
                    for count in counts]  # fmt: skip
+    evaluations.append((f"{bccd} BCCD photos", bccd_images(bccd)))
     evaluations.append((f"{photos} photos", phone_photos(work / "photos", photos)))
     for label, dataset in evaluations:
         names = dataset.features["objects"]["category"].feature.names
@@ -352,7 +354,7 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
             sizes["pipeline"],
             rates,
         ),  # fmt: skip
-        "eval": eval_section(sizes["eval"], sizes["eval_photos"], work),
+        "eval": eval_section(sizes["eval"], sizes["eval_photos"], sizes["eval_bccd"], work),
         "predict": predict_section(
             sorted((BCCD / "JPEGImages").glob("*.jpg"))[: sizes["predict"]], "BCCD", work
         ),
