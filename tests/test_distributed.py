@@ -16,6 +16,7 @@ from hf_detr_ft.arguments import DetrTrainingArguments
 from hf_detr_ft.checkpoints import missing_parts
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.ema import TRAINING_WEIGHTS_FILE
 from hf_detr_ft.evaluation import SUMMARY_METRICS
 from hf_detr_ft.trainer import DetrTrainer
 from hf_detr_ft.transforms import DetrTransform
@@ -52,6 +53,7 @@ def test_two_processes_train_and_evaluate_each_image_once(
         "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "2",  # 5 test images: the last batch is uneven
         "--image_size", "64", "--max_image_size", "64", "--disable_tqdm", "true",
+        "--ema_decay", "0.9", "--ema_tau", "1",  # the average: evaluated and saved once
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -67,6 +69,7 @@ def test_two_processes_train_and_evaluate_each_image_once(
         "rng_state_0.pth",
         "rng_state_1.pth",
     ]
+    assert (out / "checkpoint-2" / TRAINING_WEIGHTS_FILE).is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(("tmp", ".")) or "_1." in p.name]
     distributed = json.loads((out / "metrics.json").read_text())
     assert distributed["eval_split"] == "test"
