@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,9 +66,9 @@ CAP, BATCH = 600, 2
 #: Per mode: training steps per epoch (the training set is ``steps x BATCH`` images; one
 #: warm-up epoch, then ``epochs`` timed ones; R50 at most ``r50_steps`` and ``r50_epochs``),
 #: evaluation set sizes (mixed, phone photos, BCCD), predicted images (BCCD, phone photos),
-#: pipeline batches, minutes of training per side at a
-#: fixed budget (0: no learning section; a budget under a few minutes measures warm-up, not
-#: learning). ``smoke`` only checks that everything runs (the test suite uses it).
+#: pipeline batches, minutes of training per side at a fixed budget (0: no learning section;
+#: a budget under a few minutes measures warm-up, not learning). ``smoke`` only checks that
+#: everything runs (the test suite uses it).
 SIZES = {
     "full": {"steps": 16, "epochs": 3, "r50_steps": 6, "r50_epochs": 3,
              "eval": [50, 200, 800], "eval_photos": 50, "eval_bccd": 200,
@@ -240,6 +241,12 @@ def predict_section(files: list[Path], label: str, work: Path) -> dict[str, Any]
     return row
 
 
+def _image_files(dataset) -> list[Path]:
+    """The image files of a dataset that holds its images as files."""
+    paths = dataset.cast_column("image", ImageFeature(decode=False))["image"]
+    return [Path(image["path"]) for image in paths]
+
+
 def learning_section(
     minutes: float, splits: dict[str, int], work: Path, seed: int = 0
 ) -> dict[str, Any]:
@@ -359,7 +366,7 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
             sorted((BCCD / "JPEGImages").glob("*.jpg"))[: sizes["predict"]], "BCCD", work
         ),
         "predict_photos": predict_section(
-            sorted((work / "photos").glob("*.jpg"))[: sizes["predict_photos"]], "photos", work
+            _image_files(phone_photos(work / "photos", sizes["predict_photos"])), "photos", work
         ),
     }
 
