@@ -1,9 +1,11 @@
 """An exponential moving average (EMA) of the weights, the model that is evaluated and saved.
 
-Detectors trained for a short budget end on noisy weights: the last steps' updates are large
-next to the loss landscape's scale. Averaging the weights over the recent steps, as RT-DETR,
-D-FINE, rf-detr and Ultralytics do, gives a model that is evaluated, selected and published
-in their place, at the cost of one copy of the trainable parameters and one ``lerp`` per step.
+A run that stops on a noisy step (a constant or step schedule, early stopping, long training
+at a high rate) ends on weights that the last updates have just moved. Averaging the weights
+over the recent steps, as RT-DETR, D-FINE, rf-detr and Ultralytics do, gives a model that is
+evaluated, selected and published in their place, at the cost of one copy of the trainable
+parameters and one ``lerp`` per step. With a cosine schedule that ends at zero it changed
+little here (benchmarks/README.md, "Learning at a fixed budget"), so it is off by default.
 
 After optimizer step ``t`` each average moves towards the weights by ``1 - d_t``, with
 ``d_t = decay * (1 - exp(-t / tau))``: early on, while the new class head is random, the
