@@ -25,8 +25,9 @@ The random choices for an image (flip, crop, jitter, scale) depend only on the t
 ``seed``, the epoch (:meth:`DetrTransform.set_epoch`, called by :class:`AugmentationEpochCallback`)
 and the image id, never on a global random state. A run resumed mid-epoch therefore augments
 each remaining image exactly as the uninterrupted run did, although the data loader reads
-batches ahead of the step whose random state a checkpoint saves, and the number of
-DataLoader workers or processes does not change the augmentations.
+batches ahead of the step whose random state a checkpoint saves, and the number of threads,
+DataLoader workers or processes does not change the augmentations (a batch is encoded on
+torch's threads without workers: :func:`_map_in_threads`).
 """
 
 from __future__ import annotations
