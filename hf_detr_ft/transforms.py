@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import random
 import threading
 from collections.abc import Callable, Sequence
@@ -243,16 +242,16 @@ def _map_in_threads(function: Callable[[Any], Any], items: list[Any]) -> list[An
     given one thread (``torchrun`` sets ``OMP_NUM_THREADS=1``), encode one image at a time.
     The random choices are per image (see the module docstring), so the result is the same.
     """
-    threads = min(len(items), torch.get_num_threads())
-    if threads < 2 or get_worker_info() is not None:
+    threads = torch.get_num_threads()
+    if min(len(items), threads) < 2 or get_worker_info() is not None:
         return [function(item) for item in items]
-    return list(_thread_pool(os.getpid(), threads).map(function, items))
+    return list(_thread_pool(threads).map(function, items))
 
 
 @functools.cache
-def _thread_pool(pid: int, threads: int) -> ThreadPoolExecutor:
-    """One pool per process and size; keyed by ``pid`` because a forked child inherits the
-    pool's object but none of its threads."""
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count, kept for the life of the process (its threads start when
+    first needed and wait idle between batches)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hf-detr-ft-encode")
 
 
