@@ -25,20 +25,15 @@ The random choices for an image (flip, crop, jitter, scale) depend only on the t
 ``seed``, the epoch (:meth:`DetrTransform.set_epoch`, called by :class:`AugmentationEpochCallback`)
 and the image id, never on a global random state. A run resumed mid-epoch therefore augments
 each remaining image exactly as the uninterrupted run did, although the data loader reads
-batches ahead of the step whose random state a checkpoint saves, and the number of threads,
-DataLoader workers or processes does not change the augmentations (a batch is encoded on
-torch's threads without workers: :func:`_map_in_threads`).
+batches ahead of the step whose random state a checkpoint saves, and the number of
+DataLoader workers or processes does not change the augmentations.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
 import random
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -46,7 +41,6 @@ import numpy as np
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from torch.utils.data import get_worker_info
 from transformers import (
     DetrImageProcessor,
     TrainerCallback,
@@ -103,7 +97,6 @@ class DetrTransform:
         self.scales = list(scales) if scales else None
         self.seed = seed
         self.epoch = 0
-        self._thread_augmentations: dict[int, A.Compose] = {}  # see _thread_augmentation
 
     @classmethod
     def for_training(
@@ -135,19 +128,15 @@ class DetrTransform:
         return dataset.cast_column("image", encoded).with_transform(self)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        examples = list(zip(batch["image"], batch["image_id"], batch["objects"]))
-        encoded = _map_in_threads(self._encode_example, examples)
-        return {
-            "pixel_values": [example["pixel_values"][0] for example in encoded],
-            "labels": [example["labels"][0] for example in encoded],
-        }
-
-    def _encode_example(self, example: tuple[Any, int, dict[str, list]]) -> Any:
-        image, image_id, objects = example
-        full_size = None  # an image decoded by datasets: at its full size
-        if isinstance(image, dict):  # still encoded: see apply_to
-            image, full_size = decode_for_resize(image, self.resized_size)
-        return self.encode(np.array(image), image_id, objects, full_size)
+        pixel_values, labels = [], []
+        for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
+            full_size = None  # an image decoded by datasets: at its full size
+            if isinstance(image, dict):  # still encoded: see apply_to
+                image, full_size = decode_for_resize(image, self.resized_size)
+            encoded = self.encode(np.array(image), image_id, objects, full_size)
+            pixel_values.append(encoded["pixel_values"][0])
+            labels.append(encoded["labels"][0])
+        return {"pixel_values": pixel_values, "labels": labels}
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """The largest ``(width, height)`` the processor will resize an image of ``size`` to
@@ -193,9 +182,8 @@ class DetrTransform:
         # str seeds are hashed with SHA-512: the same in every process, whatever PYTHONHASHSEED.
         rng = random.Random(f"{self.seed}-{self.epoch}-{image_id}")
         if self.augmentation is not None:
-            augmentation = self._thread_augmentation()
-            augmentation.set_random_seed(rng.getrandbits(32))
-            out = augmentation(image=image, bboxes=boxes, category=categories, iscrowd=crowd)
+            self.augmentation.set_random_seed(rng.getrandbits(32))
+            out = self.augmentation(image=image, bboxes=boxes, category=categories, iscrowd=crowd)
             image, boxes = out["image"], out["bboxes"]
             categories, crowd = out["category"], out["iscrowd"]
             areas = [float(w * h) for _, _, w, h in boxes]
@@ -220,39 +208,6 @@ class DetrTransform:
         )
         encoded["labels"][0]["orig_size"] = torch.tensor([full_height, full_width])
         return encoded
-
-    def _thread_augmentation(self) -> A.Compose:
-        """This thread's copy of the augmentation: a Compose holds the random state that
-        ``set_random_seed`` sets, so threads encoding at once must not share one."""
-        if threading.current_thread() is threading.main_thread():
-            return self.augmentation
-        key = threading.get_ident()
-        if key not in self._thread_augmentations:
-            self._thread_augmentations[key] = copy.deepcopy(self.augmentation)
-        return self._thread_augmentations[key]
-
-
-def _map_in_threads(function: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """``[function(item) for item in items]``, on as many threads as torch computes with.
-
-    Decoding (Pillow, torchvision), OpenCV's augmentations and the processor's tensor
-    operations run without the GIL, so the images of a batch are encoded side by side: a
-    batch read in the training or evaluation loop's own process (no DataLoader workers, the
-    CPU default) no longer leaves all but one core idle. DataLoader workers, and processes
-    given one thread (``torchrun`` sets ``OMP_NUM_THREADS=1``), encode one image at a time.
-    The random choices are per image (see the module docstring), so the result is the same.
-    """
-    threads = torch.get_num_threads()
-    if min(len(items), threads) < 2 or get_worker_info() is not None:
-        return [function(item) for item in items]
-    return list(_thread_pool(threads).map(function, items))
-
-
-@functools.cache
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per thread count, kept for the life of the process (its threads start when
-    first needed and wait idle between batches)."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hf-detr-ft-encode")
 
 
 class AugmentationEpochCallback(TrainerCallback):

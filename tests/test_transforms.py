@@ -104,33 +104,6 @@ def test_training_augmentation_is_reproducible_from_the_seed(bccd_train, process
         assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other))
 
 
-def test_a_batch_encoded_on_threads_equals_one_image_at_a_time(bccd_train, processor) -> None:
-    """The images of a batch are augmented and processed side by side on torch's thread
-    count; each thread draws from its own copy of the augmentation, so nothing changes."""
-
-    def encode(threads: int) -> tuple[dict, DetrTransform]:
-        transform = DetrTransform.for_training(processor, seed=3)
-        transform.set_epoch(2)
-        batch = transform.apply_to(bccd_train)[:8]
-        return collate_fn([dict(zip(batch, values)) for values in zip(*batch.values())]), (
-            transform
-        )
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone, _ = encode(1)
-        torch.set_num_threads(4)
-        side_by_side, transform = encode(4)
-    finally:
-        torch.set_num_threads(before)
-    assert transform._thread_augmentations  # other threads did encode
-    torch.testing.assert_close(side_by_side["pixel_values"], alone["pixel_values"])
-    for ours, reference in zip(side_by_side["labels"], alone["labels"], strict=True):
-        for key in ("boxes", "class_labels", "size", "orig_size", "image_id", "area"):
-            torch.testing.assert_close(ours[key], reference[key])
-
-
 def _big_photo_dataset(orientation: int):
     """One 1600x1200 JPEG (stored; EXIF ``orientation``) with a box, as load_detection_dataset
     would hold it: smooth content, like a photo, and annotations on the displayed image."""
