@@ -68,7 +68,7 @@ CAP, BATCH = 600, 2
 #: evaluation set sizes (mixed, phone photos, BCCD), predicted images (BCCD, phone photos),
 #: pipeline batches, minutes of training per side at a fixed budget (0: no learning section;
 #: a budget under a few minutes measures warm-up, not learning). ``smoke`` only checks that
-#: everything runs (the test suite uses it).
+#: everything runs; the test suite runs ``quick`` with ``--steps 2``.
 SIZES = {
     "full": {"steps": 16, "epochs": 3, "r50_steps": 6, "r50_epochs": 3,
              "eval": [50, 200, 800], "eval_photos": 50, "eval_bccd": 200,
