@@ -6,6 +6,7 @@ import io
 import random
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -30,13 +31,9 @@ def bccd_train(bccd_coco_dir: Path):
     return load_detection_dataset(bccd_coco_dir).splits["train"]
 
 
-def test_eval_transform_equals_image_processor(bccd_train, processor) -> None:
-    example = bccd_train[0]
-    transformed = bccd_train.with_transform(DetrTransform.for_evaluation(processor))
-    ours = collate_fn([transformed[0]])
-    objects = example["objects"]
-    annotation = {
-        "image_id": example["image_id"],
+def _coco_annotation(image_id: int, objects: dict[str, list]) -> dict:
+    return {
+        "image_id": image_id,
         "annotations": [
             {"bbox": b, "category_id": c, "area": a, "iscrowd": int(z)}
             for b, c, a, z in zip(
@@ -44,11 +41,54 @@ def test_eval_transform_equals_image_processor(bccd_train, processor) -> None:
             )
         ],
     }
+
+
+def test_eval_transform_equals_image_processor(bccd_train, processor) -> None:
+    example = bccd_train[0]
+    transformed = bccd_train.with_transform(DetrTransform.for_evaluation(processor))
+    ours = collate_fn([transformed[0]])
+    annotation = _coco_annotation(example["image_id"], example["objects"])
     reference = processor(images=example["image"], annotations=annotation, return_tensors="pt")
     torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"])
     torch.testing.assert_close(ours["pixel_mask"], reference["pixel_mask"])
     assert ours["pixel_values"].shape[-2:] == (96, 128)  # 640x480 -> shortest edge 96
     for key in ("boxes", "class_labels", "size", "orig_size", "image_id", "area", "iscrowd"):
+        torch.testing.assert_close(ours["labels"][0][key], reference["labels"][0][key])
+    assert ours["labels"][0]["orig_size"].tolist() == [480, 640]
+
+
+def test_train_transform_equals_image_processor_on_the_augmented_image(
+    bccd_train, processor
+) -> None:
+    """The transform resizes the augmented (here: cropped) image itself, from its channel-last
+    pixels, and scales the boxes: the same as the processor at the drawn scale."""
+    crop = A.Compose(
+        [A.Crop(x_min=100, y_min=50, x_max=500, y_max=350)],
+        bbox_params=A.BboxParams(format="coco", label_fields=["category", "iscrowd"], clip=True),
+    )
+    transform = DetrTransform(processor, augmentation=crop, scales=[64])
+    ours = collate_fn([bccd_train.with_transform(transform)[0]])
+    example = bccd_train[0]
+    objects = example["objects"]
+    cropped = crop(
+        image=np.array(example["image"]),
+        bboxes=objects["bbox"],
+        category=objects["category"],
+        iscrowd=objects["iscrowd"],
+    )
+    areas = [w * h for _, _, w, h in cropped["bboxes"]]
+    annotation = _coco_annotation(
+        example["image_id"], {**cropped, "bbox": cropped["bboxes"], "area": areas}
+    )
+    reference = processor(
+        images=cropped["image"],
+        annotations=annotation,
+        size={"shortest_edge": 64, "longest_edge": 160},
+        return_tensors="pt",
+    )
+    assert ours["pixel_values"].shape[-2:] == (64, 85)  # the 400x300 crop at shortest edge 64
+    torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"])
+    for key in ("boxes", "class_labels", "size", "image_id", "area", "iscrowd"):
         torch.testing.assert_close(ours["labels"][0][key], reference["labels"][0][key])
     assert ours["labels"][0]["orig_size"].tolist() == [480, 640]
 
