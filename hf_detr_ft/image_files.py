@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 EXIF_ORIENTATION = 0x0112
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -114,32 +116,64 @@ def displayed_size(path: str | Path) -> tuple[int, int]:
 def decode_for_resize(
     value: Mapping[str, Any],
     resized_size: Callable[[tuple[int, int]], tuple[int, int] | None],
-) -> tuple[Image.Image, tuple[int, int]]:
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image of a dataset (``{"path", "bytes"}`` as ``datasets.Image(decode=False)``
     holds it) as ``datasets.Image(mode="RGB")`` does, but no larger than the model will see it.
 
     ``resized_size`` maps the displayed ``(width, height)`` to the size the image will be
-    resized to (``None``: unknown). A JPEG larger than that is decoded at the smallest scale
-    of 1/2, 1/4 or 1/8 that still covers it (Pillow's ``draft``: the scaling happens inside
-    the JPEG decoder, 3-6x faster for phone photos than decoding all pixels and resizing).
-    Other formats decode in full. Returns the RGB image and the displayed full size, which
+    resized to (``None``: unknown). A JPEG at least twice as large as that is decoded at the
+    smallest scale of 1/2, 1/4 or 1/8 that still covers it (Pillow's ``draft``: the scaling
+    happens inside the JPEG decoder, 3-6x faster for phone photos than decoding all pixels
+    and resizing). Other RGB and grayscale JPEGs are decoded by torchvision (libjpeg-turbo as
+    in Pillow, EXIF orientation applied): a 640x480 photo 1.5 -> 0.9 ms, with the copy into
+    an array. Anything else decodes with Pillow.
+    Returns the RGB pixels, ``(H, W, 3)`` uint8, and the displayed full size, which
     annotations refer to.
     """
     path, data = value.get("path"), value.get("bytes")
     if data is None and not (path and os.path.isfile(path)):
         image = ImageFeature(mode="RGB").decode_example(dict(value))  # e.g. a file on the Hub
-        return image, image.size
-    image = Image.open(io.BytesIO(data) if data is not None else path)
-    orientation = _orientation(image)
-    size = _displayed_size(image.size, orientation)
-    target = resized_size(size)
-    if target is not None and target[0] < size[0] and target[1] < size[1]:
-        stored = _displayed_size(target, orientation)  # the 90-degree swap is its own inverse
-        image.draft(None, (max(1, stored[0]), max(1, stored[1])))
-    image.load()
-    if orientation != 1:  # read above; datasets transposes any tag, a no-op for 1 or invalid
-        image = ImageOps.exif_transpose(image)
-    return (image if image.mode == "RGB" else image.convert("RGB")), size
+        return np.array(image), image.size
+    with Image.open(io.BytesIO(data) if data is not None else path) as image:
+        orientation = _orientation(image)
+        size = _displayed_size(image.size, orientation)
+        target = resized_size(size)
+        if target is not None and target[0] < size[0] and target[1] < size[1]:
+            stored = _displayed_size(target, orientation)  # the 90-degree swap is its own inverse
+            image.draft(None, (max(1, stored[0]), max(1, stored[1])))
+        full_scale = _displayed_size(image.size, orientation) == size
+        if full_scale and _torchvision_decodes(image):
+            pixels = _decode_with_torchvision(data if data is not None else path)
+            if pixels is not None:
+                return pixels, size
+        image.load()
+        if orientation != 1:  # read above; datasets transposes any tag, a no-op for 1 or invalid
+            image = ImageOps.exif_transpose(image)
+        return np.array(image if image.mode == "RGB" else image.convert("RGB")), size
+
+
+def _torchvision_decodes(image: Image.Image) -> bool:
+    """Whether torchvision decodes ``image`` to the pixels Pillow gives: an RGB or grayscale
+    JPEG (whose EXIF sits in the header, which torchvision reads too). Not PNGs: Pillow has
+    to decode a PNG to find an EXIF chunk after the pixel data, which torchvision ignores."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+def _decode_with_torchvision(source: str | bytes) -> np.ndarray | None:
+    """``(H, W, 3)`` uint8 pixels, or ``None`` where torchvision refuses the file (truncated,
+    say, or 16 bits per channel): Pillow then decodes it or says what is wrong."""
+    encoded = (
+        read_file(source)
+        if isinstance(source, str)
+        else torch.frombuffer(bytearray(source), dtype=torch.uint8)
+    )
+    try:
+        pixels = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:
+        return None
+    if pixels.dtype != torch.uint8:
+        return None
+    return pixels.permute(1, 2, 0).contiguous().numpy()
 
 
 def _orientation(image: Image.Image) -> int:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 from transformers import BatchFeature, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
+
+from .transforms import channels_last_view, resize_for_model
 
 
 @dataclass
@@ -34,16 +36,26 @@ def prepare_batch(
 
     ``images`` are PIL images (converted to RGB) or uint8 RGB tensors (3, H, W), as
     :func:`hf_detr_ft.predict.read_pixels` decodes them; the processor gets tensors either way
-    (the same numbers as from PIL, without its copy through NumPy). ``sizes``: the
+    (the same numbers as from PIL), each resized first by
+    :func:`~hf_detr_ft.transforms.resize_for_model` (the processor's own resize, faster from
+    the channel-last memory that PIL images and ``read_pixels`` have). ``sizes``: the
     ``(height, width)`` the boxes are for, when an image was decoded at a reduced scale
     (default: the images' own).
     """
     pixels = [
-        image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
+        image
+        if isinstance(image, torch.Tensor)
+        else channels_last_view(np.array(image.convert("RGB")))
         for image in images
     ]
-    inputs = image_processor(images=pixels, input_data_format="channels_first", return_tensors="pt")
     sizes = list(sizes) if sizes is not None else [(p.shape[-2], p.shape[-1]) for p in pixels]
+    resized = [resize_for_model(image_processor, p) for p in pixels]
+    options = {}
+    if all(r is not None for r in resized):  # else: the processor resizes them itself
+        pixels, options = resized, {"do_resize": False}
+    inputs = image_processor(
+        images=pixels, input_data_format="channels_first", return_tensors="pt", **options
+    )
     return PreparedBatch(inputs, sizes)
 
 

@@ -3,11 +3,13 @@
 :func:`predict` reads the images in batches with training's EXIF orientation and RGB
 conversion, so boxes fit the image as it is displayed, and decodes each as evaluation does
 (:func:`read_pixels`): a JPEG at least twice as large as the model's input at a reduced
-scale (Pillow's ``draft``), other camera JPEGs straight into tensors with torchvision,
-anything else with Pillow. The pictures, drawn at the input's size, decode every pixel.
+scale (Pillow's ``draft``), other camera JPEGs with torchvision, anything else with Pillow.
+The pictures, drawn at the input's size, decode every pixel.
 Batches hold images of similar aspect ratio (sorted by their headers; the processor pads each
-batch to its largest image), and the next batch is decoded in a background thread while the
-model runs (see benchmarks/README.md). Results come back in the order the inputs were given.
+batch to its largest image). With the model on a GPU the next batch is decoded in a
+background thread while the model runs; on the CPU batches are read in turn, as the model's
+own threads use every core (a thread running torch beside them slowed predict by a quarter:
+see benchmarks/README.md). Results come back in the order the inputs were given.
 
 With ``output_dir`` it writes, per image, a copy with the boxes, class names
 and scores drawn (:func:`hf_detr_ft.visualize.draw_boxes`, one colour per class), and one
@@ -37,7 +39,6 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.functional import pil_to_tensor
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
@@ -54,7 +55,7 @@ from .image_files import (
 from .inference import PreparedBatch, detect_prepared, prepare_batch
 from .model_speedups import apply_speedups
 from .modeling import _cannot_load_message, load_image_processor
-from .transforms import DetrTransform
+from .transforms import DetrTransform, channels_last_view
 from .visualize import Boxes, draw_boxes
 
 logger = logging.getLogger(__name__)
@@ -154,32 +155,23 @@ def read_pixels(
     """An image as uint8 RGB pixels (3, H, W), oriented and converted as :func:`open_image`
     does, and its ``(width, height)`` as displayed (the size boxes refer to).
 
-    With ``resized_size`` (the model's input size for a displayed size, as
-    :meth:`~hf_detr_ft.transforms.DetrTransform.resized_size`), a JPEG at least twice as
-    large as that is decoded at 1/2, 1/4 or 1/8 scale, as training and evaluation decode it
-    (:func:`~hf_detr_ft.image_files.decode_for_resize`: a phone photo several times faster).
-    Any other RGB or grayscale JPEG, what cameras write, is decoded by torchvision straight
-    into a tensor (libjpeg-turbo as in Pillow, EXIF orientation applied): about twice as fast
-    as Pillow and the copy out of it. Other files, and JPEGs torchvision refuses (truncated,
-    say), go through :func:`open_image`, which decodes them or raises Pillow's error.
+    Decoded as training and evaluation decode it
+    (:func:`~hf_detr_ft.image_files.decode_for_resize`: camera JPEGs by torchvision,
+    and with ``resized_size``, the model's input size for a displayed size as
+    :meth:`~hf_detr_ft.transforms.DetrTransform.resized_size` gives it, a JPEG at least twice
+    as large as that at 1/2, 1/4 or 1/8 scale: a phone photo several times faster). 16-bit
+    images go through :func:`open_image`. Unreadable files raise Pillow's error. The tensor
+    is a channel-last view, the memory layout that resizes fastest
+    (:func:`~hf_detr_ft.transforms.resize_for_model`).
     """
     with Image.open(path) as image:
-        camera_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
-    if camera_jpeg and resized_size is not None:
-        size = displayed_size(path)
-        target = resized_size(size)
-        if target is not None and 2 * target[0] <= size[0] and 2 * target[1] <= size[1]:
-            image, size = decode_for_resize({"path": str(path), "bytes": None}, resized_size)
-            return pil_to_tensor(image), size
-    pixels = None
-    if camera_jpeg:
-        try:
-            pixels = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError:
-            pass  # Pillow says what is wrong with it
-    if pixels is None:
+        sixteen_bit = image.mode in SIXTEEN_BIT_MODES
+    if sixteen_bit:
         pixels = pil_to_tensor(open_image(path))
-    return pixels, (pixels.shape[-1], pixels.shape[-2])
+        return pixels, (pixels.shape[-1], pixels.shape[-2])
+    value = {"path": str(path), "bytes": None}
+    pixels, size = decode_for_resize(value, resized_size or (lambda size: None))
+    return channels_last_view(pixels), size
 
 
 def predict(
@@ -212,7 +204,8 @@ def predict(
     found: dict[Path, ImagePrediction] = {}
     unreadable: list[str] = []
     batches = _batches(_by_aspect_ratio(files), batch_size)
-    for batch in _read_ahead(batches, processor, with_pictures=out is not None):
+    read = _read_ahead if detector.device.type != "cpu" else _read_in_turn
+    for batch in read(batches, processor, with_pictures=out is not None):
         unreadable += batch.unreadable
         if not batch.paths:
             continue
@@ -308,11 +301,20 @@ def _read_batch(
     return batch
 
 
+def _read_in_turn(
+    batches: Iterable[Sequence[Path]], processor: BaseImageProcessor, with_pictures: bool
+) -> Iterator[_ReadBatch]:
+    """Read and prepare each batch when the caller asks for it (the model on the CPU)."""
+    for paths in batches:
+        yield _read_batch(paths, processor, with_pictures)
+
+
 def _read_ahead(
     batches: Iterable[Sequence[Path]], processor: BaseImageProcessor, with_pictures: bool
 ) -> Iterator[_ReadBatch]:
     """Read and prepare each batch in a background thread while the caller runs the model on
-    the one before (decoding and the model release the GIL); one batch ahead at most."""
+    the one before (decoding and the model release the GIL); one batch ahead at most. For a
+    model on a GPU, which leaves the cores free for reading."""
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = None
         for paths in batches:

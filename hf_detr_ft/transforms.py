@@ -48,6 +48,8 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import SizeDict, get_image_size_for_max_height_width
 
@@ -130,10 +132,11 @@ class DetrTransform:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         pixel_values, labels = [], []
         for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
-            full_size = None  # an image decoded by datasets: at its full size
             if isinstance(image, dict):  # still encoded: see apply_to
-                image, full_size = decode_for_resize(image, self.resized_size)
-            encoded = self.encode(np.array(image), image_id, objects, full_size)
+                pixels, full_size = decode_for_resize(image, self.resized_size)
+            else:  # decoded by datasets: at its full size
+                pixels, full_size = np.array(image), None
+            encoded = self.encode(pixels, image_id, objects, full_size)
             pixel_values.append(encoded["pixel_values"][0])
             labels.append(encoded["labels"][0])
         return {"pixel_values": pixel_values, "labels": labels}
@@ -185,9 +188,15 @@ class DetrTransform:
             image, boxes = out["image"], out["bboxes"]
             categories, crowd = out["category"], out["iscrowd"]
             areas = [float(w * h) for _, _, w, h in boxes]
-        pixels = self.resize(image, rng.choice(self.scales) if self.scales else None)
-        (height, width), (new_height, new_width) = image.shape[:2], pixels.shape[-2:]
-        if (new_height, new_width) != (height, width):  # as the processor's resize_annotation
+        scale = rng.choice(self.scales) if self.scales else None
+        pixels = resize_for_model(self.image_processor, channels_last_view(image), scale)
+        options: dict[str, Any] = {"do_resize": False}
+        if pixels is None:  # a processor that resizes its own way: it scales the boxes itself
+            pixels, options = image, {}
+            if scale is not None:
+                options["size"] = {**dict(self.image_processor.size), "shortest_edge": scale}
+        elif pixels.shape[-2:] != image.shape[:2]:  # as the processor's resize_annotation
+            (height, width), (new_height, new_width) = image.shape[:2], pixels.shape[-2:]
             boxes, areas = _scaled(boxes, areas, new_width / width, new_height / height)
         annotation = {
             "image_id": image_id,
@@ -202,36 +211,40 @@ class DetrTransform:
             ],
         }
         encoded = self.image_processor(
-            images=pixels,
-            annotations=annotation,
-            do_resize=False,
-            do_pad=False,
-            input_data_format="channels_first",
-            return_tensors="pt",
+            images=pixels, annotations=annotation, do_pad=False, return_tensors="pt", **options
         )
         labels = encoded["labels"][0]
-        labels["size"] = torch.tensor([new_height, new_width])  # resize_annotation's, not run
+        if "size" not in labels:  # set by the processor's resize_annotation, when it resizes
+            labels["size"] = torch.tensor(encoded["pixel_values"].shape[-2:])
         labels["orig_size"] = torch.tensor([full_height, full_width])
         return encoded
 
-    def resize(self, image: np.ndarray, shortest_edge: int | None = None) -> torch.Tensor:
-        """An RGB ``(H, W, 3)`` image as a ``(3, H', W')`` uint8 tensor resized by the
-        processor's own ``resize`` and size rule (``shortest_edge``: the drawn training scale).
 
-        The processor would first copy the image into channel-first memory and then resize
-        that; resized straight from the channel-last pixels, torch's uint8 kernel needs no
-        repacking, the same pixels 1.7x faster (2.9 -> 1.6 ms for a 640x480 photo).
-        """
-        if image.strides[0] < 0 or image.strides[1] < 0:  # a flip as a view; torch refuses it
-            image = np.ascontiguousarray(image)
-        pixels = torch.from_numpy(image).permute(2, 0, 1)
-        processor = self.image_processor
-        if not processor.do_resize:
-            return pixels
-        rule = dict(processor.size)
-        if shortest_edge is not None:
-            rule["shortest_edge"] = shortest_edge
-        return processor.resize(pixels, SizeDict(**rule), resample=processor.resample)
+def channels_last_view(image: np.ndarray) -> torch.Tensor:
+    """An ``(H, W, C)`` array as a ``(C, H, W)`` tensor sharing its memory (channel-last)."""
+    if image.strides[0] < 0 or image.strides[1] < 0:  # a flip as a view; torch refuses it
+        image = np.ascontiguousarray(image)
+    return torch.from_numpy(image).permute(2, 0, 1)
+
+
+def resize_for_model(
+    image_processor: BaseImageProcessor, pixels: torch.Tensor, shortest_edge: int | None = None
+) -> torch.Tensor | None:
+    """``(C, H, W)`` uint8 pixels resized by the processor's own ``resize`` and size rule
+    (``shortest_edge``: a drawn training scale), for the processor to take with
+    ``do_resize=False``; ``None`` where the processor does not resize, or resizes with a
+    backend other than torchvision (it is then left to do so).
+
+    The processor would first copy the pixels into channel-first memory and then resize
+    them; resized from channel-last memory (an image as decoded or augmented), torch's uint8
+    kernel needs no repacking: the same pixels 1.7x faster (2.9 -> 1.6 ms for a 640x480 photo).
+    """
+    if not (isinstance(image_processor, TorchvisionBackend) and image_processor.do_resize):
+        return None
+    rule = dict(image_processor.size)
+    if shortest_edge is not None:
+        rule["shortest_edge"] = shortest_edge
+    return image_processor.resize(pixels, SizeDict(**rule), resample=image_processor.resample)
 
 
 def _scaled(

@@ -20,6 +20,8 @@ from hf_detr_ft.image_files import IMAGE_ERRORS
 from hf_detr_ft.predict import (
     InputError,
     _by_aspect_ratio,
+    _read_ahead,
+    _read_in_turn,
     find_images,
     open_image,
     predict,
@@ -217,3 +219,24 @@ def test_large_jpegs_are_read_reduced_for_the_model_and_drawn_in_full(
     assert found.boxes.xyxy[:, 2].max() <= 600 + 1e-3 and found.boxes.xyxy[:, 3].max() <= 800 + 1e-3
     with Image.open(found.picture) as picture:
         assert picture.size == (600, 800)
+
+
+def test_reading_ahead_for_a_gpu_gives_the_batches_read_in_turn(tiny_model_dir, tmp_path) -> None:
+    """On the CPU predict reads each batch when the model wants it; with the model on a GPU,
+    one batch ahead in a thread: the same batches, in the same order, unreadable files too."""
+    for i in range(5):
+        _photo((40 + 8 * i, 30)).save(tmp_path / f"photo{i}.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    files = sorted(tmp_path.glob("*.jpg"))
+    batches = [files[i : i + 2] for i in range(0, len(files), 2)]
+    processor = DetrImageProcessor.from_pretrained(tiny_model_dir)
+    in_turn = list(_read_in_turn(batches, processor, with_pictures=True))
+    ahead = list(_read_ahead(batches, processor, with_pictures=True))
+    assert len(ahead) == len(in_turn) == 3
+    assert sum(len(batch.unreadable) for batch in ahead) == 1
+    for a, b in zip(ahead, in_turn, strict=True):
+        assert a.paths == b.paths and a.sizes == b.sizes and a.unreadable == b.unreadable
+        if a.prepared is not None:
+            torch.testing.assert_close(
+                a.prepared.inputs["pixel_values"], b.prepared.inputs["pixel_values"]
+            )

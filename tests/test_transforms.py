@@ -7,17 +7,18 @@ import random
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
-from transformers import DetrImageProcessor
+from transformers import DetrImageProcessor, DetrImageProcessorPil
 
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import detection_features, load_detection_dataset
-from hf_detr_ft.image_files import decode_for_resize
+from hf_detr_ft.image_files import IMAGE_ERRORS, decode_for_resize
 from hf_detr_ft.transforms import DetrTransform, train_scales
 
 
@@ -173,9 +174,9 @@ def test_large_jpeg_is_decoded_reduced_with_the_same_result(processor, orientati
     value = dataset.cast_column("image", ImageFeature(decode=False))[0]["image"]
     reduced, size = decode_for_resize(value, transform.resized_size)
     assert size == (full_width, full_height)
-    assert reduced.mode == "RGB"
-    assert reduced.size == (full_width // 8, full_height // 8)  # 1/8 still covers 160x120
-    assert min(transform.resized_size(size)) <= min(reduced.size)
+    assert reduced.dtype == np.uint8
+    assert reduced.shape == (full_height // 8, full_width // 8, 3)  # 1/8 still covers 160x120
+    assert min(transform.resized_size(size)) <= min(reduced.shape[:2])
 
     ours = transform.apply_to(dataset)[0]
     reference = dataset.with_transform(transform)[0]  # every pixel decoded, then resized
@@ -208,7 +209,7 @@ def test_other_formats_and_unresized_processors_decode_in_full(tmp_path, process
     Image.new("RGB", (800, 600), "white").save(png)
     transform = DetrTransform.for_evaluation(processor)
     image, size = decode_for_resize({"path": str(png), "bytes": None}, transform.resized_size)
-    assert image.size == size == (800, 600)
+    assert image.shape == (600, 800, 3) and size == (800, 600)
     no_resize = DetrTransform.for_evaluation(DetrImageProcessor(do_resize=False))
     assert no_resize.resized_size((800, 600)) is None
     fixed = DetrTransform.for_evaluation(DetrImageProcessor(size={"height": 64, "width": 64}))
@@ -217,3 +218,66 @@ def test_other_formats_and_unresized_processors_decode_in_full(tmp_path, process
         DetrImageProcessor(size={"max_height": 300, "max_width": 300})
     )  # the HF example's
     assert capped.resized_size((800, 600)) == (300, 225)
+
+
+def test_a_processor_with_the_pil_backend_resizes_itself_to_the_same_result(bccd_train) -> None:
+    """Only torchvision-backed processors are resized for from channel-last memory; another
+    backend resizes the (augmented) image itself, boxes alike, at the same drawn scale."""
+    size = {"shortest_edge": 96, "longest_edge": 160}
+    items = {}
+    for backend in (DetrImageProcessor, DetrImageProcessorPil):
+        transform = DetrTransform.for_training(backend(size=size), seed=4)
+        items[backend] = [transform.apply_to(bccd_train)[i] for i in range(4)]
+    for ours, pil in zip(items[DetrImageProcessor], items[DetrImageProcessorPil], strict=True):
+        assert ours["pixel_values"].shape == pil["pixel_values"].shape
+        assert (ours["pixel_values"] - pil["pixel_values"]).abs().mean() < 0.05
+        for key in ("boxes", "class_labels", "size", "orig_size", "area"):
+            torch.testing.assert_close(ours["labels"][key], pil["labels"][key], rtol=1e-4, atol=0)
+
+
+def _image_kinds(folder: Path) -> dict[str, Path]:
+    """Files of the kinds datasets hold: camera JPEGs (turned by EXIF or not), other JPEGs,
+    PNGs in several modes, turned by EXIF, and with 16 bits per channel."""
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize((80, 60))
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    files = {
+        "rgb.jpg": lambda p: photo.save(p, quality=95),
+        "turned.jpg": lambda p: photo.save(p, quality=95, exif=turned),
+        "gray.jpg": lambda p: photo.convert("L").save(p),
+        "cmyk.jpg": lambda p: photo.convert("CMYK").save(p),
+        "rgb.png": lambda p: photo.save(p),
+        "gray.png": lambda p: photo.convert("L").save(p),
+        "alpha.png": lambda p: photo.convert("RGBA").save(p),
+        "palette.png": lambda p: photo.convert("P").save(p),
+        "turned.png": lambda p: photo.save(p, exif=turned),
+        "deep-rgb.png": lambda p: cv2.imwrite(
+            str(p), rng.integers(0, 65535, (6, 8, 3)).astype(np.uint16)
+        ),
+    }
+    for name, write in files.items():
+        write(folder / name)
+    return {name: folder / name for name in files}
+
+
+def test_decoding_for_resize_gives_the_pixels_datasets_decodes(tmp_path) -> None:
+    """torchvision decodes RGB and grayscale JPEGs, Pillow the rest: the same RGB pixels,
+    turned by EXIF, as ``datasets.Image(mode="RGB")``, from a path or from bytes."""
+    feature = ImageFeature(mode="RGB")
+    for name, path in _image_kinds(tmp_path).items():
+        expected = np.array(feature.decode_example({"path": str(path), "bytes": None}))
+        for value in (
+            {"path": str(path), "bytes": None},
+            {"path": None, "bytes": path.read_bytes()},
+        ):
+            pixels, size = decode_for_resize(value, lambda size: None)
+            assert pixels.dtype == np.uint8 and pixels.shape == expected.shape, name
+            assert size == (expected.shape[1], expected.shape[0]), name
+            tolerance = 2 if name.endswith(".jpg") else 0  # libjpeg-turbo builds may round
+            assert np.abs(pixels.astype(int) - expected).max() <= tolerance, name
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((tmp_path / "rgb.jpg").read_bytes()[:300])
+    with pytest.raises(IMAGE_ERRORS):  # torchvision refuses it; Pillow says what is wrong
+        decode_for_resize({"path": str(truncated), "bytes": None}, lambda size: None)
