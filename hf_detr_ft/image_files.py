@@ -124,8 +124,8 @@ def decode_for_resize(
     resized to (``None``: unknown). A JPEG at least twice as large as that is decoded at the
     smallest scale of 1/2, 1/4 or 1/8 that still covers it (Pillow's ``draft``: the scaling
     happens inside the JPEG decoder, 3-6x faster for phone photos than decoding all pixels
-    and resizing). Other RGB and grayscale JPEGs are decoded by torchvision (libjpeg-turbo as
-    in Pillow, EXIF orientation applied): a 640x480 photo 1.5 -> 0.9 ms, with the copy into
+    and resizing). Other RGB and grayscale JPEGs not turned by EXIF are decoded by
+    torchvision (libjpeg-turbo as in Pillow): a 640x480 photo 1.5 -> 0.9 ms with the copy into
     an array. Anything else decodes with Pillow.
     Returns the RGB pixels, ``(H, W, 3)`` uint8, and the displayed full size, which
     annotations refer to.
@@ -142,7 +142,7 @@ def decode_for_resize(
             stored = _displayed_size(target, orientation)  # the 90-degree swap is its own inverse
             image.draft(None, (max(1, stored[0]), max(1, stored[1])))
         full_scale = _displayed_size(image.size, orientation) == size
-        if full_scale and _torchvision_decodes(image):
+        if full_scale and _torchvision_decodes(image, orientation):
             pixels = _decode_with_torchvision(data if data is not None else path)
             if pixels is not None:
                 return pixels, size
@@ -152,11 +152,13 @@ def decode_for_resize(
         return np.array(image if image.mode == "RGB" else image.convert("RGB")), size
 
 
-def _torchvision_decodes(image: Image.Image) -> bool:
-    """Whether torchvision decodes ``image`` to the pixels Pillow gives: an RGB or grayscale
-    JPEG (whose EXIF sits in the header, which torchvision reads too). Not PNGs: Pillow has
-    to decode a PNG to find an EXIF chunk after the pixel data, which torchvision ignores."""
-    return image.format == "JPEG" and image.mode in ("RGB", "L")
+def _torchvision_decodes(image: Image.Image, orientation: int) -> bool:
+    """Whether torchvision decodes ``image`` to the pixels Pillow gives, in one torch
+    operation that starts no threads: an RGB or grayscale JPEG not turned by EXIF (the turn
+    would be parallel torch operations, which give a thread its own OpenMP team; training
+    decodes on threads kept alive). Not PNGs: Pillow has to decode a PNG to find an EXIF
+    chunk after the pixel data."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1
 
 
 def _decode_with_torchvision(source: str | bytes) -> np.ndarray | None:
@@ -168,12 +170,12 @@ def _decode_with_torchvision(source: str | bytes) -> np.ndarray | None:
         else torch.frombuffer(bytearray(source), dtype=torch.uint8)
     )
     try:
-        pixels = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        pixels = decode_image(encoded, mode=ImageReadMode.RGB)
     except RuntimeError:
         return None
     if pixels.dtype != torch.uint8:
         return None
-    return pixels.permute(1, 2, 0).contiguous().numpy()
+    return pixels.permute(1, 2, 0).numpy()  # torchvision decodes into (H, W, 3) memory
 
 
 def _orientation(image: Image.Image) -> int:

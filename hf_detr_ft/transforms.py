@@ -31,9 +31,11 @@ DataLoader workers or processes does not change the augmentations.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import albumentations as A
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
+from torch.utils.data import get_worker_info
 from transformers import (
     DetrImageProcessor,
     TrainerCallback,
@@ -131,15 +134,35 @@ class DetrTransform:
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         pixel_values, labels = [], []
-        for image, image_id, objects in zip(batch["image"], batch["image_id"], batch["objects"]):
-            if isinstance(image, dict):  # still encoded: see apply_to
-                pixels, full_size = decode_for_resize(image, self.resized_size)
-            else:  # decoded by datasets: at its full size
-                pixels, full_size = np.array(image), None
+        decoded = self._decode_all(batch["image"])
+        for (pixels, full_size), image_id, objects in zip(
+            decoded, batch["image_id"], batch["objects"]
+        ):
             encoded = self.encode(pixels, image_id, objects, full_size)
             pixel_values.append(encoded["pixel_values"][0])
             labels.append(encoded["labels"][0])
         return {"pixel_values": pixel_values, "labels": labels}
+
+    def _decode_all(self, images: list[Any]) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+        """Each image's pixels and full size (``None``: the pixels are at full size), decoded
+        side by side on torch's thread count when the batch is read in the training or
+        evaluation loop's own process (no DataLoader workers, the CPU default).
+
+        Decoding runs without the GIL and is most of what a PNG costs (6-7 ms for 640x480).
+        Only decoding runs on the threads (:func:`decode_for_resize` runs no parallel torch
+        operation), never the processor's tensor operations: a thread that has run those has
+        its own OpenMP team, which slows the model's forward for as long as the thread lives
+        (benchmarks/README.md).
+        """
+        threads = min(len(images), torch.get_num_threads())
+        if threads < 2 or get_worker_info() is not None:
+            return [self._decode(image) for image in images]
+        return list(_decoding_threads(torch.get_num_threads()).map(self._decode, images))
+
+    def _decode(self, image: Any) -> tuple[np.ndarray, tuple[int, int] | None]:
+        if isinstance(image, dict):  # still encoded: see apply_to
+            return decode_for_resize(image, self.resized_size)
+        return np.array(image), None  # decoded by datasets: at its full size
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """The largest ``(width, height)`` the processor will resize an image of ``size`` to
@@ -245,6 +268,13 @@ def resize_for_model(
     if shortest_edge is not None:
         rule["shortest_edge"] = shortest_edge
     return image_processor.resize(pixels, SizeDict(**rule), resample=image_processor.resample)
+
+
+@functools.cache
+def _decoding_threads(count: int) -> ThreadPoolExecutor:
+    """One pool per thread count, kept for the life of the process (started when first
+    needed; a pool per batch cost more than decoding two JPEGs on it saved)."""
+    return ThreadPoolExecutor(count, thread_name_prefix="hf-detr-ft-decode")
 
 
 def _scaled(

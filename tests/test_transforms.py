@@ -281,3 +281,23 @@ def test_decoding_for_resize_gives_the_pixels_datasets_decodes(tmp_path) -> None
     truncated.write_bytes((tmp_path / "rgb.jpg").read_bytes()[:300])
     with pytest.raises(IMAGE_ERRORS):  # torchvision refuses it; Pillow says what is wrong
         decode_for_resize({"path": str(truncated), "bytes": None}, lambda size: None)
+
+
+def test_a_batch_decoded_on_threads_equals_one_decoded_in_turn(bccd_train, processor) -> None:
+    """Without DataLoader workers a batch's images are decoded on torch's thread count."""
+
+    def batch(threads: int) -> dict:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            transform = DetrTransform.for_training(processor, seed=3)
+            items = transform.apply_to(bccd_train)[:6]
+        finally:
+            torch.set_num_threads(before)
+        return collate_fn([dict(zip(items, values)) for values in zip(*items.values())])
+
+    in_turn, on_threads = batch(1), batch(3)
+    torch.testing.assert_close(on_threads["pixel_values"], in_turn["pixel_values"])
+    for ours, reference in zip(on_threads["labels"], in_turn["labels"], strict=True):
+        for key in ("boxes", "class_labels", "size", "orig_size", "image_id", "area"):
+            torch.testing.assert_close(ours[key], reference[key])
