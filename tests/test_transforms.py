@@ -127,6 +127,7 @@ def test_collate_pads_to_largest_image_not_a_square() -> None:
     assert batch["pixel_mask"].shape == (2, 40, 30)
     assert batch["pixel_mask"][0].sum() == 40 * 20 and batch["pixel_mask"][1].sum() == 16 * 30
     assert np.all(batch["pixel_values"][0, :, :, 20:].numpy() == 0)
+    assert np.all(batch["pixel_values"][1, :, 16:, :].numpy() == 0)  # below the wide one
     assert torch.all(batch["pixel_values"][1, :, :16, :30] == 2.0)
     assert [label["id"] for label in batch["labels"]] == [1, 2]
 
