@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -154,10 +155,10 @@ class DetrTransform:
         its own OpenMP team, which slows the model's forward for as long as the thread lives
         (benchmarks/README.md).
         """
-        threads = min(len(images), torch.get_num_threads())
-        if threads < 2 or get_worker_info() is not None:
+        threads = torch.get_num_threads()
+        if min(len(images), threads) < 2 or get_worker_info() is not None:
             return [self._decode(image) for image in images]
-        return list(_decoding_threads(torch.get_num_threads()).map(self._decode, images))
+        return list(_decoding_threads(os.getpid(), threads).map(self._decode, images))
 
     def _decode(self, image: Any) -> tuple[np.ndarray, tuple[int, int] | None]:
         if isinstance(image, dict):  # still encoded: see apply_to
@@ -271,9 +272,10 @@ def resize_for_model(
 
 
 @functools.cache
-def _decoding_threads(count: int) -> ThreadPoolExecutor:
-    """One pool per thread count, kept for the life of the process (started when first
-    needed; a pool per batch cost more than decoding two JPEGs on it saved)."""
+def _decoding_threads(pid: int, count: int) -> ThreadPoolExecutor:
+    """One pool per process and thread count, kept for the life of the process (started when
+    first needed; a pool per batch cost more than decoding two JPEGs on it saved). Keyed by
+    ``pid``: a forked child inherits the pool object but none of its threads."""
     return ThreadPoolExecutor(count, thread_name_prefix="hf-detr-ft-decode")
 
 

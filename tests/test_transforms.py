@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import random
+import sys
 from pathlib import Path
 
 import albumentations as A
@@ -302,3 +304,29 @@ def test_a_batch_decoded_on_threads_equals_one_decoded_in_turn(bccd_train, proce
     for ours, reference in zip(on_threads["labels"], in_turn["labels"], strict=True):
         for key in ("boxes", "class_labels", "size", "orig_size", "image_id", "area"):
             torch.testing.assert_close(ours[key], reference[key])
+
+
+def _decode_in_child(transform: DetrTransform, images: list, results) -> None:
+    results.put(len(transform._decode_all(images)))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_forked_child_decodes_with_threads_of_its_own(bccd_train, processor) -> None:
+    """The decoding threads are per process: a child forked after the parent decoded (and so
+    started its pool) would otherwise wait forever on threads that exist only in the parent."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        transform = DetrTransform.for_evaluation(processor)
+        images = bccd_train.cast_column("image", ImageFeature(decode=False))["image"][:4]
+        assert len(transform._decode_all(images)) == 4  # the parent's pool
+        fork = multiprocessing.get_context("fork")
+        results = fork.Queue()
+        child = fork.Process(target=_decode_in_child, args=(transform, images, results))
+        child.start()
+        child.join(60)
+        hung = child.is_alive()
+        child.kill()
+    finally:
+        torch.set_num_threads(before)
+    assert not hung and results.get(timeout=5) == 4
