@@ -65,20 +65,24 @@ from hf_detr_ft.transforms import DetrTransform  # noqa: E402
 CAP, BATCH = 600, 2
 #: Per mode: training steps per epoch (the training set is ``steps x BATCH`` images; one
 #: warm-up epoch, then ``epochs`` timed ones; R50 at most ``r50_steps`` and ``r50_epochs``),
-#: evaluation set sizes (mixed, phone photos, BCCD), predicted images (BCCD, phone photos),
-#: pipeline batches, minutes of training per side at a fixed budget (0: no learning section;
-#: a budget under a few minutes measures warm-up, not learning). ``smoke`` only checks that
-#: everything runs; the test suite runs ``quick`` with ``--steps 2``.
+#: evaluation set sizes (mixed, phone photos, BCCD) and timed evaluations per side (in turns),
+#: predicted images (BCCD, phone photos), pipeline batches and rounds (the pipeline and the
+#: training it feeds, in turns), minutes of training per side at a fixed budget (0: no
+#: learning section; a budget under a few minutes measures warm-up, not learning). ``smoke``
+#: only checks that everything runs; the test suite runs ``quick`` with ``--steps 2``.
 SIZES = {
     "full": {"steps": 16, "epochs": 3, "r50_steps": 6, "r50_epochs": 3,
-             "eval": [50, 200, 800], "eval_photos": 50, "eval_bccd": 200,
-             "predict": 128, "predict_photos": 32, "pipeline": 16, "budget": 4.0},
+             "eval": [50, 200, 800], "eval_photos": 50, "eval_bccd": 200, "eval_repeats": 3,
+             "predict": 128, "predict_photos": 32, "pipeline": 16, "pipeline_rounds": 3,
+             "budget": 4.0},
     "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
-              "eval": [20, 50], "eval_photos": 16, "eval_bccd": 50,
-              "predict": 32, "predict_photos": 8, "pipeline": 4, "budget": 0.0},
+              "eval": [20, 50], "eval_photos": 16, "eval_bccd": 50, "eval_repeats": 1,
+              "predict": 32, "predict_photos": 8, "pipeline": 4, "pipeline_rounds": 1,
+              "budget": 0.0},
     "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
-              "eval": [4], "eval_photos": 2, "eval_bccd": 2,
-              "predict": 2, "predict_photos": 2, "pipeline": 1, "budget": 0.1},
+              "eval": [4], "eval_photos": 2, "eval_bccd": 2, "eval_repeats": 1,
+              "predict": 2, "predict_photos": 2, "pipeline": 1, "pipeline_rounds": 1,
+              "budget": 0.1},
 }  # fmt: skip
 #: The fixed-budget comparison: the demo's data (128 px shapes, seed 0), its batch and cap.
 LEARNING_SPLITS = {"train": 400, "valid": 16, "test": 64}
@@ -130,10 +134,11 @@ def _stock_train_trainer(model_dir: Path, dataset, output_dir: Path, **args: Any
 
 
 def pipeline_section(
-    dataset, photos, batches: int, model_rates: dict[str, float]
+    dataset, photos, batches: int, rounds: int, model_rates: dict[str, float], work: Path
 ) -> dict[str, Any]:
     """Images/s of dataset + augmentation + processor + collate, no model: by worker count on
-    BCCD, and on phone-size photos ours (reduced JPEG decoding) vs every pixel decoded vs stock.
+    BCCD, beside the tiny model's training on the same photos, and on phone-size photos ours
+    (reduced JPEG decoding) vs every pixel decoded vs stock.
     """
     from hf_detr_ft.modeling import load_image_processor
 
@@ -144,6 +149,7 @@ def pipeline_section(
         rate = _loading_rate(transform.apply_to(dataset), collate_fn, batches, workers)
         result[f"workers_{workers}"] = {"images_per_s": rate, "per_worker": rate / max(workers, 1)}
         print(f"pipeline workers={workers}: {rate:7.1f} images/s")
+    result["beside_training"] = _pipeline_beside_training(dataset, rounds, work)
     photo_batches = len(photos) // BATCH - 1
     loaders = {
         "ours": (transform.apply_to(photos), collate_fn),
@@ -165,6 +171,42 @@ def pipeline_section(
     return result
 
 
+def _pipeline_beside_training(dataset, rounds: int, work: Path) -> dict[str, Any]:
+    """The training pipeline's images/s and the tiny model's training images/s (one warm-up
+    epoch, one timed) with the same transform on the same photos (augmentation and scales as
+    ``finetune`` trains), measured in turns ``rounds`` times: two rates measured minutes apart
+    would carry the machine's drift (tens of percent) into their ratio."""
+    names = dataset.features["objects"]["category"].feature.names
+    model_dir = save_random_model("tiny", names, work / f"model-tiny-{len(names)}")
+    steps = len(dataset) // BATCH
+    dataset = dataset.select(range(steps * BATCH))
+    trainer = our_trainer(
+        model_dir, dataset, CAP, work / "ours-augmented", augment=True, max_steps=2 * steps,
+        per_device_train_batch_size=BATCH,
+    )  # fmt: skip
+    pipeline, training = [], []
+    for _ in range(rounds):
+        pipeline.append(_loading_rate(trainer.train_dataset, collate_fn, steps - 1))
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+        trainer.remove_callback(timer)
+        training.append(epoch_rates(timer.durations(), [BATCH] * steps)[1])
+    row = {
+        "pipeline_images_per_s": statistics.median(pipeline),
+        "training_images_per_s": statistics.median(training),
+        "rounds": {"pipeline": pipeline, "training": training},
+    }
+    row["ratio"] = row["pipeline_images_per_s"] / row["training_images_per_s"]
+    print(
+        f"pipeline beside tiny training (BCCD, training transform, in turns): "
+        f"{row['pipeline_images_per_s']:.1f} vs {row['training_images_per_s']:.1f} images/s  "
+        f"ratio {row['ratio']:.2f}x",
+        flush=True,
+    )
+    return row
+
+
 def _loading_rate(data, collate, batches: int, workers: int = 0) -> float:
     """Images/s of ``batches`` batches from a DataLoader, after its first batch."""
     loader = DataLoader(data, batch_size=BATCH, collate_fn=collate, num_workers=workers)
@@ -175,30 +217,47 @@ def _loading_rate(data, collate, batches: int, workers: int = 0) -> float:
     return count / (time.perf_counter() - start)
 
 
-def eval_section(counts: list[int], photos: int, bccd: int, work: Path) -> dict[str, Any]:
+def eval_section(
+    counts: list[int], photos: int, bccd: int, repeats: int, work: Path
+) -> dict[str, Any]:
     """Evaluation wall time and peak memory growth, ours (streamed) vs gather-everything, on
     ``counts`` mixed-aspect images (PNG), ``bccd`` real BCCD photos (640x480 JPEG) and
-    ``photos`` phone-size photos."""
+    ``photos`` phone-size photos: the median of ``repeats`` evaluations per side, the sides
+    in turns (so that the machine's drift meets both), after one untimed evaluation each (the
+    first in a process pays one-time costs: thread pools, first kernels)."""
     result = {}
     evaluations = [(str(count), mixed_aspect_images(work / "eval-data", count, seed=1))
                    for count in counts]  # fmt: skip
     evaluations.append((f"{bccd} BCCD photos", bccd_images(bccd)))
     evaluations.append((f"{photos} photos", phone_photos(work / "photos", photos)))
-    for label, dataset in evaluations:
+    for index, (label, dataset) in enumerate(evaluations):
         names = dataset.features["objects"]["category"].feature.names
         model_dir = save_random_model("tiny", names, work / f"model-tiny-{len(names)}")
         ours = our_trainer(model_dir, dataset, CAP, work / "ours", per_device_eval_batch_size=8)
         stock = _stock_eval_trainer(model_dir, dataset, work / "stock")
-        row = {}
-        for side, trainer in (("ours", ours), ("stock", stock)):
-            start = time.perf_counter()
-            with PeakRSS() as memory:
-                metrics = trainer.evaluate()
-            row[side] = {
-                "seconds": time.perf_counter() - start,
-                "peak_growth_mb": memory.growth_mb,
-                "map": metrics.get("eval_map", -1.0),
+        sides = {"ours": ours, "stock": stock}
+        if index == 0:
+            for trainer in sides.values():
+                trainer.evaluate()
+        runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side, trainer in sides.items():
+                start = time.perf_counter()
+                with PeakRSS() as memory:
+                    metrics = trainer.evaluate()
+                runs[side].append({
+                    "seconds": time.perf_counter() - start, "peak_growth_mb": memory.growth_mb,
+                    "map": metrics.get("eval_map", -1.0),
+                })  # fmt: skip
+        row: dict[str, Any] = {
+            side: {
+                "seconds": statistics.median(run["seconds"] for run in timed),
+                "peak_growth_mb": max(run["peak_growth_mb"] for run in timed),
+                "map": timed[-1]["map"],
+                "all_seconds": [run["seconds"] for run in timed],
             }
+            for side, timed in runs.items()
+        }
         row["speedup"] = row["stock"]["seconds"] / row["ours"]["seconds"]
         result[label] = row
         _print(f"eval {label}" + (" images" if label.isdigit() else ""), row, "seconds",
@@ -359,9 +418,13 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
             bccd_images((sizes["pipeline"] + 1) * BATCH),
             datasets["photos"],
             sizes["pipeline"],
+            sizes["pipeline_rounds"],
             rates,
+            work,
         ),  # fmt: skip
-        "eval": eval_section(sizes["eval"], sizes["eval_photos"], sizes["eval_bccd"], work),
+        "eval": eval_section(
+            sizes["eval"], sizes["eval_photos"], sizes["eval_bccd"], sizes["eval_repeats"], work
+        ),
         "predict": predict_section(
             sorted((BCCD / "JPEGImages").glob("*.jpg"))[: sizes["predict"]], "BCCD", work
         ),

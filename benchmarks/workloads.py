@@ -96,13 +96,20 @@ def save_random_model(kind: str, class_names: list[str], folder: Path) -> Path:
 
 
 def our_trainer(
-    model_dir: Path, dataset: Dataset, cap: int, output_dir: Path, **args: Any
+    model_dir: Path,
+    dataset: Dataset,
+    cap: int,
+    output_dir: Path,
+    augment: bool = False,
+    **args: Any,
 ) -> DetrTrainer:
-    """hf-detr-ft's Trainer on ``dataset`` (training and evaluation, no augmentation), its
-    processor at the same longest-edge cap as the stock one."""
+    """hf-detr-ft's Trainer on ``dataset`` (training and evaluation), its processor at the
+    same longest-edge cap as the stock one. Trained without augmentation, as the stock recipe
+    trains, unless ``augment``: then with the library's training transform, as ``finetune``."""
     processor = load_image_processor(model_dir, image_size=cap, max_image_size=cap)
     names = dataset.features["objects"]["category"].feature.names
     data = DetrTransform.for_evaluation(processor).apply_to(dataset)
+    train = DetrTransform.for_training(processor).apply_to(dataset) if augment else data
     settings = dict(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, save_strategy="no",
         eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,
@@ -111,7 +118,7 @@ def our_trainer(
     return DetrTrainer(
         model=load_model(model_dir, names),
         args=DetrTrainingArguments(**{**settings, **args}),
-        train_dataset=data,
+        train_dataset=train,
         eval_dataset=data,
         processing_class=processor,
         data_collator=collate_fn,

@@ -36,6 +36,8 @@ def test_benchmark_quick_run_writes_its_json(tmp_path) -> None:
     assert results["train"]["tiny/bccd"]["stock"]["padded_fraction"] == pytest.approx(0.25)
     assert results["train"]["tiny/bccd"]["ours"]["padded_fraction"] == 0
     assert results["pipeline"]["workers_0"]["images_per_s"] > 0
+    beside = results["pipeline"]["beside_training"]
+    assert beside["pipeline_images_per_s"] > 0 and beside["training_images_per_s"] > 0
     photos = results["pipeline"]["phone_photos"]
     assert all(photos[side]["images_per_s"] > 0 for side in ("ours", "full_decoding", "stock"))
     assert set(results["eval"]) == {"20", "50", "50 BCCD photos", "16 photos"}

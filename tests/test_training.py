@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModelForObjectDetection,
+    Trainer,
     TrainerCallback,
     pipeline,
 )
@@ -60,6 +61,17 @@ def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, t
     assert encoder_dtypes == {torch.bfloat16 if bf16 else torch.float32}  # autocast really ran
     assert trainer.model.dtype == torch.float32  # weights (and the optimizer) stay in fp32
     assert after < 0.8 * before
+
+
+def test_flos_estimate_is_the_trainers(tiny_model_dir, shapes_dir, tmp_path) -> None:
+    # total_flos: the Trainer's own estimate, with the parameters counted once per model
+    trainer = _trainer(tiny_model_dir, shapes_dir, tmp_path, use_cpu=True)
+    batches = [collate_fn([trainer.train_dataset[i] for i in r]) for r in ([0, 1], [1, 2, 3])]
+    for model in (trainer.model, torch.nn.Linear(3, 2)):
+        trainer.model = model
+        for batch in batches:
+            expected = Trainer.floating_point_ops(trainer, batch)
+            assert trainer.floating_point_ops(batch) == expected
 
 
 def test_torch_compile_trains_the_sped_up_model(tiny_model_dir, shapes_dir, tmp_path) -> None:

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_detr_config, tiny_trainer
-from transformers import AutoModelForObjectDetection, TrainerControl, TrainerState
+from transformers import (
+    AutoModelForObjectDetection,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+)
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 
@@ -138,6 +143,42 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     model = AutoModelForObjectDetection.from_pretrained(last_good)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model.config.id2label[0] == "circle"
+
+
+class _NanWeightsAfterStep(TrainerCallback):
+    """Turns the class head's weights NaN right after the optimizer's ``step``-th update,
+    with a finite loss: what NaN gradients from a finite loss would do."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.updates = step, 0
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        self.updates += 1
+        if self.updates == self.step:
+            with torch.no_grad():
+                model.class_labels_classifier.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("nan_after", "found"),
+    [
+        (4, "the weights became NaN or infinite (the update was far too large)"),
+        (3, "the predictions became NaN or infinite (the weights grew far too large)"),
+    ],
+)
+def test_nan_weights_never_reach_a_checkpoint(
+    tiny_model_dir, shapes_dir, tmp_path, nan_after, found
+) -> None:
+    # Step 4 saves a checkpoint: the weights are checked before it is written. After step 3
+    # (nothing saved), step 4's forward pass meets them in its predictions.
+    trainer = _trainer(tiny_model_dir, shapes_dir, tmp_path, max_steps=10, logging_steps=1,
+                       save_strategy="steps", save_steps=2, save_total_limit=5)  # fmt: skip
+    trainer.add_callback(_NanWeightsAfterStep(nan_after))
+    with pytest.raises(TrainingDivergedError) as err:
+        trainer.train()
+    assert f"{found} at step 4 of 10" in str(err.value)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_a_flat_class_error_warns_with_the_likely_causes(caplog) -> None:
