@@ -99,7 +99,8 @@ def write_yolo(root: Path, names: object = None) -> Path:
     return root
 
 
-def write_hf(root: Path, tmp: Path) -> Path:
+def hf_splits(tmp: Path, embed: bool = False) -> DatasetDict:
+    """The source as a ``DatasetDict`` in the cppe-5 schema; ``embed``: images as bytes."""
     features = Features({
         "image_id": Value("int64"), "image": ImageFeature(), "width": Value("int32"),
         "height": Value("int32"),
@@ -111,14 +112,27 @@ def write_hf(root: Path, tmp: Path) -> Path:
     for split, examples in SOURCE.items():
         rows = []
         for index, (stem, size, boxes) in enumerate(examples):
+            picture = _picture(tmp / f"{stem}.png", size)
+            image = {"bytes": picture.read_bytes(), "path": None} if embed else str(picture)
             rows.append({
-                "image_id": index, "image": str(_picture(tmp / f"{stem}.png", size)),
-                "width": size[0], "height": size[1],
+                "image_id": index, "image": image, "width": size[0], "height": size[1],
                 "objects": {"id": list(range(len(boxes))), "area": [b[2] * b[3] for _, b in boxes],
                             "bbox": [b for _, b in boxes], "category": [c for c, _ in boxes]},
             })  # fmt: skip
         splits[split] = Dataset.from_list(rows, features=features)
-    DatasetDict(splits).save_to_disk(str(root))
+    return DatasetDict(splits)
+
+
+def write_hf(root: Path, tmp: Path) -> Path:
+    hf_splits(tmp).save_to_disk(str(root))
+    return root
+
+
+def write_hf_parquet(root: Path, tmp: Path) -> Path:
+    """As a dataset on the Hub is stored (and downloaded): Parquet files, images inside."""
+    for split, dataset in hf_splits(tmp, embed=True).items():
+        dataset.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    (root / "README.md").write_text("# shapes\n")
     return root
 
 
@@ -145,6 +159,7 @@ def every_format(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "voc": write_voc(base / "voc"),
         "yolo": write_yolo(base / "yolo"),
         "hf": write_hf(base / "hf", base / "hf-images"),
+        "hf-parquet": write_hf_parquet(base / "hf-parquet", base / "hf-parquet-images"),
     }
 
 
@@ -157,9 +172,10 @@ def test_every_format_loads_to_the_same_records(every_format: dict[str, Path]) -
         for split, examples in SOURCE.items()
     }
     for name, root in every_format.items():
-        assert detect_format(root) == name
+        kind = name.split("-")[0]  # hf-parquet: the hf format
+        assert detect_format(root) == kind
         data = load_detection_dataset(root, num_classes=2)
-        assert data.format == name
+        assert data.format == kind
         assert data.class_names == CLASSES, name
         assert data.splits["train"].features["objects"]["category"].feature.names == CLASSES
         assert canonical(data) == expected, name
@@ -179,6 +195,42 @@ def test_format_can_be_forced_and_wrong_format_is_named(every_format: dict[str, 
 def test_yolo_names_as_dict(tmp_path: Path) -> None:
     root = write_yolo(tmp_path, names={1: "dog", 0: "cat"})
     assert load_detection_dataset(root).class_names == CLASSES
+
+
+def test_image_folder_with_detection_metadata(tmp_path: Path, caplog) -> None:
+    # datasets' image-folder detection layout: split folders, metadata.jsonl, "categories"
+    for split, examples in SOURCE.items():
+        lines = []
+        for stem, size, boxes in examples:
+            _picture(tmp_path / split / f"{stem}.png", size)
+            objects = {"bbox": [b for _, b in boxes], "categories": [c for c, _ in boxes]}
+            lines.append(json.dumps({"file_name": f"{stem}.png", "objects": objects}))
+        (tmp_path / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert detect_format(tmp_path) == "hf"
+    with caplog.at_level(logging.WARNING):
+        data = load_detection_dataset(tmp_path, num_classes=2)
+    assert "objects.categories is not a ClassLabel" in caplog.text
+    assert data.class_names == ["class_0", "class_1"]
+    expected = {
+        split: sorted(
+            (w, h, tuple(sorted((f"class_{c}", *map(float, box)) for c, box in boxes)))
+            for _, (w, h), boxes in examples
+        )
+        for split, examples in SOURCE.items()
+    }
+    assert canonical(data) == expected
+
+
+def test_unreadable_parquet_folders_are_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken" / "data"
+    broken.mkdir(parents=True)
+    (broken / "train-00000-of-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DatasetError, match=f"Cannot load the dataset files in {broken.parent}"):
+        load_detection_dataset(broken.parent)
+    unlabeled = tmp_path / "unlabeled"
+    Dataset.from_dict({"image": ["a.jpg"], "label": [0]}).to_parquet(str(unlabeled / "x.parquet"))
+    with pytest.raises(DatasetError, match=r"lacks the column\(s\) \['objects'\]"):
+        load_detection_dataset(unlabeled)
 
 
 def test_hub_id_fails_offline_with_a_clear_error() -> None:

@@ -7,6 +7,8 @@
 ``coco``  ``_annotations.coco.json`` split folders or ``annotations/instances_*.json``
 ``voc``   ``Annotations/*.xml`` (+ ``JPEGImages/``, ``ImageSets/Main/*.txt``)
 ``yolo``  ``data.yaml`` with ``names`` and ``train``/``val``/``test`` image folders
+``hf``    none of those, but data files for ``datasets.load_dataset``: Parquet files (a Hub
+          dataset downloaded as files) or an image folder's ``metadata.jsonl``
 ========  ==========================================================================
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from ..coco_annotations import CocoFile, read_coco_file
 from ..errors import DatasetError
 from ..layouts import find_splits, has_coco_annotations
-from .hf_datasets import is_saved_dataset, looks_like_hub_id, read_hf_dataset
+from .hf_datasets import has_data_files, is_saved_dataset, looks_like_hub_id, read_hf_dataset
 from .voc import is_voc, read_voc
 from .yolo import find_yaml, read_yolo
 
@@ -36,6 +38,7 @@ def detect_format(source: str | Path) -> str:
         ("coco", has_coco_annotations),
         ("voc", is_voc),
         ("yolo", lambda r: find_yaml(r) is not None),
+        ("hf", has_data_files),  # last: it lists folders, maybe of many images
     )
     for name, check in checks:
         if check(root):
@@ -43,8 +46,8 @@ def detect_format(source: str | Path) -> str:
     raise DatasetError(
         f"No dataset found in {root}. Expected COCO (train/_annotations.coco.json or "
         "annotations/instances_train2017.json), Pascal VOC (Annotations/*.xml + JPEGImages/), "
-        "YOLO (data.yaml + images/ + labels/) or a Hugging Face dataset saved with "
-        "save_to_disk; see docs/datasets.md."
+        "YOLO (data.yaml + images/ + labels/), or a Hugging Face dataset (saved with "
+        "save_to_disk, or its Parquet files as on the Hub); see docs/datasets.md."
     )
 
 

@@ -1,10 +1,15 @@
 """Read a Hugging Face ``datasets`` detection dataset (the ``cppe-5`` schema) as COCO content.
 
 Expected columns: ``image``, ``objects`` with ``bbox`` (``[x, y, w, h]`` pixels) and
-``category`` (a ``ClassLabel``, whose names become the classes), optionally ``objects.id``,
-``objects.area``, ``image_id``, ``width``, ``height``. The dataset is either a folder written
-by ``save_to_disk`` or a Hub id (``owner/name``), which needs network access; without it the
-error says how to bring the dataset over as a folder. Images are carried inside the records as
+``category`` (a ``ClassLabel``, whose names become the classes; ``categories`` as in
+``datasets``' image-folder detection metadata), optionally ``objects.id``,
+``objects.area``, ``image_id``, ``width``, ``height``. The dataset is a folder written by
+``save_to_disk``; a folder of data files read by ``datasets.load_dataset`` as the transformers
+example scripts read one (Parquet files as the Hub stores datasets, e.g. a snapshot from
+``huggingface-cli download --repo-type dataset``, or an image folder with ``metadata.jsonl``;
+split names come from the file or folder names or the README's ``configs``); or a Hub id
+(``owner/name``), which needs network access; without it the error says how to bring the
+dataset over as a folder. Images are carried inside the records as
 bytes, and boxes are relative to the image as ``datasets`` decodes it (EXIF applied).
 """
 
@@ -25,10 +30,22 @@ from ..layouts import SPLIT_ALIASES, SplitFiles
 logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: Data files of a dataset as the Hub stores it (``data/train-*.parquet``,
+#: ``<config>/train/*.parquet``) or of an image folder with ``datasets``' detection metadata
+#: (``train/metadata.jsonl``: ``file_name``, ``objects``).
+DATA_FILE_PATTERNS = (
+    "*.parquet", "*/*.parquet", "*/*/*.parquet",
+    "metadata.jsonl", "*/metadata.jsonl", "metadata.csv", "*/metadata.csv",
+)  # fmt: skip
 
 
 def is_saved_dataset(root: Path) -> bool:
     return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
+
+
+def has_data_files(root: Path) -> bool:
+    """Files that ``datasets.load_dataset(root)`` reads (:data:`DATA_FILE_PATTERNS`)."""
+    return any(next(root.glob(pattern), None) for pattern in DATA_FILE_PATTERNS)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -45,6 +62,7 @@ def read_hf_dataset(source: str | Path) -> list[CocoFile]:
             logger.warning("%s: split %r is not train/validation/test; skipped.", source, name)
             continue
         _check_schema(dataset, source, name)
+        key = _category_key(dataset)
         categories = [{"id": i, "name": n} for i, n in enumerate(_class_names(dataset, source))]
         where = Path(str(source)) / name
         coco = CocoFile(SplitFiles(split, where, where), categories, [], [])
@@ -57,7 +75,7 @@ def read_hf_dataset(source: str | Path) -> list[CocoFile]:
             coco.embedded_images[image_id] = row["image"]
             coco.image_sources[image_id] = (str(where), f"row {index} (image_id {image_id})")
             objects = _columns(row["objects"])
-            for k, (bbox, category) in enumerate(zip(objects["bbox"], objects["category"])):
+            for k, (bbox, category) in enumerate(zip(objects["bbox"], objects[key])):
                 ann_id = next_annotation_id
                 next_annotation_id += 1
                 coco.annotations.append(
@@ -73,11 +91,19 @@ def read_hf_dataset(source: str | Path) -> list[CocoFile]:
 
 def _load(source: str | Path) -> DatasetDict:
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() and is_saved_dataset(path):
         try:
             loaded = load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as err:
             raise DatasetError(f"Cannot load the saved dataset in {path}: {err}") from err
+    elif path.is_dir():
+        try:
+            loaded = load_dataset(str(path))
+        except Exception as err:  # datasets raises many kinds for unreadable data files
+            raise DatasetError(
+                f"Cannot load the dataset files in {path} with datasets.load_dataset "
+                f"({type(err).__name__}: {err})."
+            ) from err
     else:
         try:
             loaded = load_dataset(str(source))
@@ -92,10 +118,8 @@ def _load(source: str | Path) -> DatasetDict:
 
 
 def _check_schema(dataset: Dataset, source: str | Path, split: str) -> None:
-    features = dataset.features
-    objects = _object_features(dataset)
-    missing = [c for c in ("image", "objects") if c not in features]
-    if not missing and not (isinstance(objects, dict) and {"bbox", "category"} <= objects.keys()):
+    missing = [c for c in ("image", "objects") if c not in dataset.features]
+    if not missing and not (_category_key(dataset) and "bbox" in _object_features(dataset)):
         missing = ["objects.bbox", "objects.category"]
     if missing:
         raise DatasetError(
@@ -105,15 +129,16 @@ def _check_schema(dataset: Dataset, source: str | Path, split: str) -> None:
 
 
 def _class_names(dataset: Dataset, source: str | Path) -> list[str]:
-    category = _object_features(dataset)["category"]
+    key = _category_key(dataset)
+    category = _object_features(dataset)[key]
     label = getattr(category, "feature", category)
     if isinstance(label, ClassLabel):
         return list(label.names)
-    ids = {c for objects in dataset["objects"] for c in _columns(objects)["category"]}
+    ids = {c for objects in dataset["objects"] for c in _columns(objects)[key]}
     count = int(max(ids)) + 1 if ids else 1
     logger.warning(
-        "%s: objects.category is not a ClassLabel, so there are no class names; "
-        "using class_0..class_%d.", source, count - 1,
+        "%s: objects.%s is not a ClassLabel, so there are no class names; "
+        "using class_0..class_%d.", source, key, count - 1,
     )  # fmt: skip
     return [f"class_{i}" for i in range(count)]
 
@@ -125,6 +150,13 @@ def _columns(objects: Any) -> dict[str, list[Any]]:
     return {key: [o[key] for o in objects] for key in (objects[0] if objects else {})} or {
         "bbox": [], "category": []
     }  # fmt: skip
+
+
+def _category_key(dataset: Dataset) -> str | None:
+    """``category`` (the Hub's detection datasets) or ``categories`` (image-folder metadata)."""
+    objects = _object_features(dataset)
+    keys = objects.keys() if isinstance(objects, dict) else ()
+    return next((key for key in ("category", "categories") if key in keys), None)
 
 
 def _object_features(dataset: Dataset) -> Any:
