@@ -77,7 +77,7 @@ SIZES = {
              "budget": 4.0},
     "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
               "eval": [20, 50], "eval_photos": 16, "eval_bccd": 50, "eval_repeats": 1,
-              "predict": 32, "predict_photos": 8, "pipeline": 4, "pipeline_rounds": 1,
+              "predict": 32, "predict_photos": 8, "pipeline": 8, "pipeline_rounds": 2,
               "budget": 0.0},
     "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
               "eval": [4], "eval_photos": 2, "eval_bccd": 2, "eval_repeats": 1,
