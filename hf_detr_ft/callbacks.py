@@ -205,8 +205,8 @@ class TrainingSignalsCallback(TrainerCallback):
 def _reads_weights(control: TrainerControl) -> bool:
     """Whether the weights are about to be saved, evaluated or kept as the final model.
 
-    Only then are they checked (one max-abs over every weight: 2.6 % of the tiny model's CPU
-    step when done at every step). Between those steps, weights that went NaN or infinite
+    Only then are they checked (one max-abs over every weight, 1.7 ms of the tiny model's
+    ~70 ms CPU step when done at every step). Between those steps, weights that went NaN or infinite
     make the next forward pass's predictions so, which :meth:`_check_prediction` stops at.
     The Trainer's own callback sets these flags before this one runs.
     """

@@ -168,7 +168,7 @@ class DetrTrainer(Trainer):
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's estimate for ``total_flos`` (6 x input elements x parameters), with the
         parameters counted once: the Trainer counts them at every step, walking every module
-        (2 % of the tiny model's CPU step)."""
+        (0.5 ms of the tiny model's ~70 ms CPU step)."""
         pixels = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
         if pixels is None or not hasattr(self.model, "num_parameters"):
             return 0

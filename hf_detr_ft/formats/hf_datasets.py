@@ -9,8 +9,9 @@ example scripts read one (Parquet files as the Hub stores datasets, e.g. a snaps
 ``huggingface-cli download --repo-type dataset``, or an image folder with ``metadata.jsonl``;
 split names come from the file or folder names or the README's ``configs``); or a Hub id
 (``owner/name``), which needs network access; without it the error says how to bring the
-dataset over as a folder. Images are carried inside the records as
-bytes, and boxes are relative to the image as ``datasets`` decodes it (EXIF applied).
+dataset over as a folder. Images are carried inside the records (as bytes, or as paths where
+the dataset stores paths), and boxes are relative to the image as ``datasets`` decodes it
+(EXIF applied).
 """
 
 from __future__ import annotations
