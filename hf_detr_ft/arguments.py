@@ -46,8 +46,10 @@ class ModelArguments:
 class DataArguments:
     dataset_dir: str = field(
         metadata={
-            "help": "Dataset folder (COCO, Pascal VOC, YOLO, datasets save_to_disk) or a Hub "
-            "dataset id (see docs/datasets.md)."
+            "help": "Dataset folder (COCO, Pascal VOC, YOLO, a datasets save_to_disk folder or "
+            "Parquet files) or a Hub dataset id (see docs/datasets.md). Also --dataset_name, "
+            "as the transformers example scripts call it.",
+            "aliases": ["--dataset_name"],
         }
     )
     num_classes: int | None = field(

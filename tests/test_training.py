@@ -20,6 +20,7 @@ from transformers import (
     pipeline,
 )
 
+from hf_detr_ft.arguments import parse_train_args
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.evaluation import SUMMARY_METRICS
@@ -186,6 +187,18 @@ def test_examples_train_script_runs(tiny_model_dir, shapes_dir, tmp_path) -> Non
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Model saved to" in done.stdout
     assert json.loads((out / "config.json").read_text())["id2label"]["1"] == "square"
+
+
+def test_the_transformers_example_flags_parse() -> None:
+    # run_object_detection.py's flags that mean the same here (its README's command)
+    _, data, training = parse_train_args([
+        "--dataset_name", "data/cppe-5", "--output_dir", "out", "--do_train", "true",
+        "--do_eval", "true", "--remove_unused_columns", "false",
+        "--eval_do_concat_batches", "false", "--learning_rate", "5e-5",
+    ])  # fmt: skip
+    assert data.dataset_dir == "data/cppe-5"
+    assert training.do_train and training.do_eval and training.learning_rate == 5e-5
+    assert not training.remove_unused_columns and not training.eval_do_concat_batches
 
 
 def test_cli_reports_user_mistakes_without_traceback(
