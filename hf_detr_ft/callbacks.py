@@ -41,6 +41,7 @@ TROUBLESHOOTING = "docs/troubleshooting.md"
 CLASS_ERROR_GOOD_ENOUGH = 10.0
 #: Non-finite losses in a row tolerated with fp16, whose gradient scaler skips those steps.
 FP16_OVERFLOW_STEPS = 10
+NAN_WEIGHTS = "the weights became NaN or infinite (the update was far too large)"
 
 
 class TrainingDivergedError(HfDetrFtError):
@@ -136,7 +137,7 @@ class TrainingSignalsCallback(TrainerCallback):
         if bad_loss is not None:
             what = f"the loss became {bad_loss}"
         elif not weights_ok:
-            what = "the weights became NaN or infinite (the update was far too large)"
+            what = NAN_WEIGHTS
         else:
             what = "another process's loss became NaN or infinite"
         self._stop(args, state, control, what)
@@ -153,8 +154,7 @@ class TrainingSignalsCallback(TrainerCallback):
         if self.divergence:
             control.should_save = control.should_evaluate = False
         elif _reads_weights(control) and on_any_process(not _finite_weights(model)):
-            what = "the weights became NaN or infinite (the update was far too large)"
-            self._stop(args, state, control, what)
+            self._stop(args, state, control, NAN_WEIGHTS)
 
     def _stop(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, what: str

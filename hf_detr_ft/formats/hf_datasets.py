@@ -64,7 +64,8 @@ def read_hf_dataset(source: str | Path) -> list[CocoFile]:
             continue
         _check_schema(dataset, source, name)
         key = _category_key(dataset)
-        categories = [{"id": i, "name": n} for i, n in enumerate(_class_names(dataset, source))]
+        names = _class_names(dataset, key, source)
+        categories = [{"id": i, "name": n} for i, n in enumerate(names)]
         where = Path(str(source)) / name
         coco = CocoFile(SplitFiles(split, where, where), categories, [], [])
         coco.boxes_as_displayed = True
@@ -129,8 +130,8 @@ def _check_schema(dataset: Dataset, source: str | Path, split: str) -> None:
         )
 
 
-def _class_names(dataset: Dataset, source: str | Path) -> list[str]:
-    key = _category_key(dataset)
+def _class_names(dataset: Dataset, key: str, source: str | Path) -> list[str]:
+    """The ClassLabel names of ``objects.<key>``, else ``class_0``, ``class_1``, ... (warned)."""
     category = _object_features(dataset)[key]
     label = getattr(category, "feature", category)
     if isinstance(label, ClassLabel):
