@@ -27,7 +27,8 @@ class ModelArguments:
         metadata={"help": "Checkpoint to start from: a Hub id or a local save_pretrained folder."},
     )
     revision: str | None = field(
-        default=None, metadata={"help": "Hub revision (branch, tag, commit)."}
+        default=None,
+        metadata={"help": "Hub revision (branch, tag, commit).", "aliases": ["--model_revision"]},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the checkpoint's repo."}
@@ -38,6 +39,14 @@ class ModelArguments:
             "help": "Object queries, i.e. the most objects the model can find in one image "
             "(default: the checkpoint's, 100 for detr-resnet-50). Another value re-initialises "
             "the query embeddings, which are then learned from scratch."
+        },
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=True,
+        metadata={
+            "help": "Re-initialise the checkpoint's tensors whose shape differs from the "
+            "model's: the class head, for a new label map (the transformers example's flag, "
+            "on by default here). false makes such a difference an error instead."
         },
     )
 
@@ -69,7 +78,11 @@ class DataArguments:
     )
     validation_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share of training images split off when there is no validation split."},
+        metadata={
+            "help": "Share of training images split off when there is no validation split "
+            "(also --train_val_split, as in the transformers example).",
+            "aliases": ["--train_val_split"],
+        },
     )
     image_size: int = field(default=800, metadata={"help": "Shortest image edge after resizing."})
     max_image_size: int = field(
@@ -77,7 +90,8 @@ class DataArguments:
         metadata={
             "help": "Longest image edge after resizing, at most; wins over image_size (e.g. "
             "600 alone: every image's longest edge 600, as the transformers example's "
-            "image_square_size)."
+            "--image_square_size, also accepted; no padding to a square here).",
+            "aliases": ["--image_square_size"],
         },
     )
     min_scale: float = field(

@@ -90,6 +90,7 @@ def run_training(
         revision=model_args.revision,
         trust_remote_code=model_args.trust_remote_code,
         num_queries=model_args.num_queries,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
 
     train_transform = DetrTransform.for_training(

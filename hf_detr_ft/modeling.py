@@ -32,11 +32,14 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     num_queries: int | None = None,
+    ignore_mismatched_sizes: bool = True,
 ) -> PreTrainedModel:
     """Load an object-detection checkpoint (local folder or Hub id) for ``class_names``.
 
     ``num_queries`` (default: the checkpoint's) caps how many objects one image can get; a
     different value re-initialises the query embeddings, which are then learned from scratch.
+    ``ignore_mismatched_sizes=False`` refuses to re-initialise anything the checkpoint has
+    (e.g. to be sure a model is trained further on the label map it already has).
     """
     id2label = dict(enumerate(class_names))
     label2id = {name: i for i, name in id2label.items()}
@@ -48,7 +51,7 @@ def load_model(
             str(model_name_or_path),
             id2label=id2label,
             label2id=label2id,
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             output_loading_info=True,
             revision=revision,
             trust_remote_code=trust_remote_code,
@@ -57,6 +60,16 @@ def load_model(
         )
     except OSError as err:
         raise ModelLoadError(_cannot_load_message(model_name_or_path, err)) from err
+    except RuntimeError as err:  # transformers' answer to a shape mismatch it may not ignore
+        if ignore_mismatched_sizes or "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise ModelLoadError(
+            f"Cannot load {model_name_or_path} for {len(class_names)} classes with "
+            "ignore_mismatched_sizes off: some of its tensors have another shape (the class "
+            "head, when it was trained for another number of classes; transformers' load "
+            "report names them). Leave ignore_mismatched_sizes on (the default) to "
+            "re-initialise them."
+        ) from err
 
     reinitialised = sorted(key for key, *_ in info["mismatched_keys"]) + sorted(
         info["missing_keys"]

@@ -55,6 +55,15 @@ def test_backbone_stem_and_first_stage_frozen_rest_trained(
     assert all(trainable[n] for n in trainable if "backbone" not in n)
 
 
+def test_ignore_mismatched_sizes_off_keeps_every_tensor_or_refuses(tiny_model_dir: Path) -> None:
+    saved = DetrForObjectDetection.from_pretrained(tiny_model_dir).state_dict()
+    names = [f"class {i}" for i in range(saved["class_labels_classifier.bias"].numel() - 1)]
+    model = load_model(tiny_model_dir, names, ignore_mismatched_sizes=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(ModelLoadError, match=r"2 classes with ignore_mismatched_sizes off"):
+        load_model(tiny_model_dir, ["a", "b"], ignore_mismatched_sizes=False)
+
+
 def test_unreachable_default_checkpoint_says_how_to_use_a_local_folder() -> None:
     with pytest.raises(ModelLoadError) as err:
         load_model(DEFAULT_MODEL, ["a"])

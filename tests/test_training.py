@@ -191,12 +191,16 @@ def test_examples_train_script_runs(tiny_model_dir, shapes_dir, tmp_path) -> Non
 
 def test_the_transformers_example_flags_parse() -> None:
     # run_object_detection.py's flags that mean the same here (its README's command)
-    _, data, training = parse_train_args([
-        "--dataset_name", "data/cppe-5", "--output_dir", "out", "--do_train", "true",
-        "--do_eval", "true", "--remove_unused_columns", "false",
-        "--eval_do_concat_batches", "false", "--learning_rate", "5e-5",
+    model, data, training = parse_train_args([
+        "--model_name_or_path", "detr", "--dataset_name", "data/cppe-5", "--output_dir", "out",
+        "--do_train", "true", "--do_eval", "true", "--image_square_size", "600",
+        "--remove_unused_columns", "false", "--eval_do_concat_batches", "false",
+        "--ignore_mismatched_sizes", "true", "--train_val_split", "0.15",
+        "--model_revision", "v2", "--learning_rate", "5e-5",
     ])  # fmt: skip
-    assert data.dataset_dir == "data/cppe-5"
+    assert data.dataset_dir == "data/cppe-5" and data.max_image_size == 600
+    assert data.validation_fraction == 0.15
+    assert model.ignore_mismatched_sizes and model.revision == "v2"
     assert training.do_train and training.do_eval and training.learning_rate == 5e-5
     assert not training.remove_unused_columns and not training.eval_do_concat_batches
 
