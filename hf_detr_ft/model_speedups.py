@@ -23,7 +23,9 @@ before it is kept: if the model's outputs change, it is undone and the model run
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -144,7 +146,8 @@ def _outputs_on_random_image(model: nn.Module) -> list[torch.Tensor] | None:
     was_training = model.training
     model.eval()
     try:
-        outputs = model(pixel_values=pixels)
+        with _exact_fp32(parameter.device):
+            outputs = model(pixel_values=pixels)
     except Exception as err:  # an optional speed-up never stops a run (e.g. ZeRO-3 shards)
         logger.debug("Cannot check folded norms on this model: %s", err)
         return None
@@ -152,6 +155,23 @@ def _outputs_on_random_image(model: nn.Module) -> list[torch.Tensor] | None:
         model.train(was_training)
     values = outputs.values() if isinstance(outputs, dict) else outputs
     return [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device) -> Iterator[None]:
+    """On a GPU, fp32 convolutions and matmuls without TF32 while inside: cuDNN rounds fp32
+    convolutions to TF32 by default (~1e-3 relative), which alone would fail the check of the
+    folded model's outputs against the unfolded ones."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _same_outputs(before: list[torch.Tensor], after: list[torch.Tensor] | None) -> bool:

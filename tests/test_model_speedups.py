@@ -14,6 +14,7 @@ from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
 from hf_detr_ft.model_speedups import (
     FrozenNormConv2d,
+    _exact_fp32,
     apply_speedups,
     fold_frozen_batchnorm,
     inplace_resnet_activations,
@@ -172,3 +173,20 @@ def test_a_norm_not_applied_after_its_convolution_is_left_alone() -> None:
     assert fold_frozen_batchnorm(model) == 0
     assert type(model.conv) is nn.Conv2d
     torch.testing.assert_close(model(pixels), expected)
+
+
+def test_the_check_runs_without_tf32_on_a_gpu_and_restores_it() -> None:
+    # cuDNN's default TF32 rounding alone would fail the folded model's output check.
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        with _exact_fp32(torch.device("cuda")):
+            assert not any(f.allow_tf32 for f in flags)
+        assert all(f.allow_tf32 for f in flags)
+        with _exact_fp32(torch.device("cpu")):
+            assert all(f.allow_tf32 for f in flags)
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
