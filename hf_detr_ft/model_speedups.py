@@ -18,7 +18,8 @@ or predicts with (measured in benchmarks/README.md):
 
 Folding relies on a convolution being registered right before the norm layer applied to its
 output (true of timm's and transformers' ResNets). It is checked on a small random image
-(on a GPU without TF32, which alone changes outputs by ~1e-3) before it is kept: if the model's outputs change, it is undone and the model runs as loaded.
+(on a GPU without TF32, which alone changes outputs by ~1e-3) before it is kept: if the
+model's outputs change, it is undone and the model runs as loaded.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@
 * Speed: the model's frozen BatchNorms are folded into its convolutions and, with
   ``channels_last`` (the default), its convolution weights stored NHWC
   (:mod:`hf_detr_ft.model_speedups`; same outputs, same state dict).
+* Mixed precision (``bf16``, ``fp16``): the class and box heads run in fp32
+  (:mod:`hf_detr_ft.mixed_precision`), so boxes keep their precision.
 * Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
   count in transformers 5).
 * Weight average (``ema_decay`` > 0): an EMA of the weights (:mod:`hf_detr_ft.ema`) is what
@@ -66,6 +68,7 @@ from .ema import (
 from .errors import ArgumentError
 from .evaluation import CocoEvaluator
 from .hub import create_hub_repo, push_output_dir
+from .mixed_precision import keep_heads_in_fp32
 from .model_speedups import apply_speedups
 from .sampler import AspectRatioGroupedSampler, AspectRatioSortedSampler
 
@@ -133,6 +136,8 @@ class DetrTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.model is not None:
             apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
+            if self.args.bf16 or self.args.fp16:
+                keep_heads_in_fp32(self.model)
         self._weight_average = self._create_weight_average()
         self._evaluator: CocoEvaluator | None = None
         self._eval_loss_terms: dict[str, float] = defaultdict(float)

@@ -44,10 +44,17 @@ def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, t
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
     )  # fmt: skip
     batch = collate_fn([trainer.train_dataset[i] for i in range(4)])
-    encoder_dtypes = set()
-    hook = trainer.model.model.encoder.register_forward_hook(
-        lambda module, args, output: encoder_dtypes.add(output.last_hidden_state.dtype)
-    )
+    encoder_dtypes, output_dtypes = set(), set()
+    hooks = [
+        trainer.model.model.encoder.register_forward_hook(
+            lambda module, args, output: encoder_dtypes.add(output.last_hidden_state.dtype)
+        ),
+        trainer.model.register_forward_hook(
+            lambda module, args, out: output_dtypes.update(
+                {out.loss.dtype, out.logits.dtype, out.pred_boxes.dtype}
+            )
+        ),
+    ]
 
     def loss() -> float:
         trainer.model.eval()
@@ -57,9 +64,11 @@ def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, t
     before = loss()
     encoder_dtypes.clear()
     trainer.train()
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     after = loss()
     assert encoder_dtypes == {torch.bfloat16 if bf16 else torch.float32}  # autocast really ran
+    assert output_dtypes == {torch.float32}  # loss, logits and boxes: the heads ran in fp32
     assert trainer.model.dtype == torch.float32  # weights (and the optimizer) stay in fp32
     assert after < 0.8 * before
 
