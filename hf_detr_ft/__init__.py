@@ -10,6 +10,8 @@ The path data takes, one module a step::
     transforms         examples            -> pixel_values + DETR targets
     collate            examples            -> padded batch + pixel_mask
     modeling           checkpoint          -> model with the new label map
+    model_speedups,    model               -> the same model, cheaper (folded norms, NHWC);
+      mixed_precision                         its heads in fp32 under autocast
     trainer            batches             -> DetrTrainer (DETR optimizer, COCO evaluation)
     evaluation         detections          -> COCO metrics (pycocotools)
     finetune           all of the above    -> output_dir (model, processor, metrics)
