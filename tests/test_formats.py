@@ -233,11 +233,13 @@ def test_unreadable_parquet_folders_are_named(tmp_path: Path) -> None:
         load_detection_dataset(unlabeled)
 
 
-def test_hub_id_fails_offline_with_a_clear_error() -> None:
+@pytest.mark.parametrize("name", ["hf-detr-ft-tests/no-such-dataset", "no-such-dataset-5"])
+def test_hub_id_fails_offline_with_a_clear_error(name: str) -> None:
+    # owner/name, or a name without owner as the transformers example's default "cppe-5"
     with pytest.raises(DatasetError) as err:
-        load_detection_dataset("hf-detr-ft-tests/no-such-dataset")
+        load_detection_dataset(name)
     message = str(err.value)
-    assert "'hf-detr-ft-tests/no-such-dataset' is not a folder" in message
+    assert f"{name!r} is not a folder" in message
     assert "Hugging Face Hub" in message and "save_to_disk" in message
 
 

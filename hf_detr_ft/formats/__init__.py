@@ -3,7 +3,7 @@
 ``auto`` detects the format from the folder's contents, in this order:
 
 ========  ==========================================================================
-``hf``    a ``save_to_disk`` folder (``dataset_dict.json``), or a Hub id ``owner/name``
+``hf``    a ``save_to_disk`` folder (``dataset_dict.json``), a Hub id (``owner/name``, ``cppe-5``)
 ``coco``  ``_annotations.coco.json`` split folders or ``annotations/instances_*.json``
 ``voc``   ``Annotations/*.xml`` (+ ``JPEGImages/``, ``ImageSets/Main/*.txt``)
 ``yolo``  ``data.yaml`` with ``names`` and ``train``/``val``/``test`` image folders

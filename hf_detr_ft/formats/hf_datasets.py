@@ -8,10 +8,11 @@ Expected columns: ``image``, ``objects`` with ``bbox`` (``[x, y, w, h]`` pixels)
 example scripts read one (Parquet files as the Hub stores datasets, e.g. a snapshot from
 ``huggingface-cli download --repo-type dataset``, or an image folder with ``metadata.jsonl``;
 split names come from the file or folder names or the README's ``configs``); or a Hub id
-(``owner/name``), which needs network access; without it the error says how to bring the
-dataset over as a folder. Images are carried inside the records (as bytes, or as paths where
-the dataset stores paths), and boxes are relative to the image as ``datasets`` decodes it
-(EXIF applied).
+(``owner/name``, or ``cppe-5`` as the transformers example names it), read by
+``load_dataset`` from the Hub or, offline, from its cache; failing that, the error says how
+to bring the dataset over as a folder. Images are carried inside the records (as bytes, or
+as paths where the dataset stores paths), and boxes are relative to the image as
+``datasets`` decodes it (EXIF applied).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ..layouts import SPLIT_ALIASES, SplitFiles
 
 logger = logging.getLogger(__name__)
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: ``owner/name``, or a name without owner as the transformers example's default ``cppe-5``.
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 #: Data files of a dataset as the Hub stores it (``data/train-*.parquet``,
 #: ``<config>/train/*.parquet``) or of an image folder with ``datasets``' detection metadata
 #: (``train/metadata.jsonl``: ``file_name``, ``objects``).
