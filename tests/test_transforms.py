@@ -13,10 +13,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_detr_config
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
-from transformers import DetrImageProcessor, DetrImageProcessorPil
+from transformers import DetrForObjectDetection, DetrImageProcessor, DetrImageProcessorPil
 
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import detection_features, load_detection_dataset
@@ -53,7 +54,7 @@ def test_eval_transform_equals_image_processor(bccd_train, processor) -> None:
     annotation = _coco_annotation(example["image_id"], example["objects"])
     reference = processor(images=example["image"], annotations=annotation, return_tensors="pt")
     torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"])
-    torch.testing.assert_close(ours["pixel_mask"], reference["pixel_mask"])
+    assert torch.equal(ours["pixel_mask"].long(), reference["pixel_mask"])
     assert ours["pixel_values"].shape[-2:] == (96, 128)  # 640x480 -> shortest edge 96
     for key in ("boxes", "class_labels", "size", "orig_size", "image_id", "area", "iscrowd"):
         torch.testing.assert_close(ours["labels"][0][key], reference["labels"][0][key])
@@ -132,6 +133,20 @@ def test_collate_pads_to_largest_image_not_a_square() -> None:
     assert np.all(batch["pixel_values"][1, :, 16:, :].numpy() == 0)  # below the wide one
     assert torch.all(batch["pixel_values"][1, :, :16, :30] == 2.0)
     assert [label["id"] for label in batch["labels"]] == [1, 2]
+    assert batch["pixel_mask"].dtype == torch.uint8
+
+
+def test_the_uint8_mask_gives_the_outputs_of_the_processors_int64_mask() -> None:
+    torch.manual_seed(0)
+    model = DetrForObjectDetection(tiny_detr_config()).eval()
+    batch = collate_fn([
+        {"pixel_values": torch.randn(3, 64, 40)}, {"pixel_values": torch.randn(3, 32, 64)}
+    ])  # fmt: skip
+    with torch.no_grad():
+        ours = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        int64 = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"].long())
+    assert torch.equal(ours.logits, int64.logits)
+    assert torch.equal(ours.pred_boxes, int64.pred_boxes)
 
 
 def test_training_augmentation_is_reproducible_from_the_seed(bccd_train, processor) -> None:
