@@ -1,5 +1,5 @@
 """Timing and memory helpers: medians of step times after warm-up, peak resident memory, a
-wall-clock training budget."""
+wall-clock training budget, the FLOPs of a training step and GPUs' peak FLOP rates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ from typing import Any
 
 import psutil
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
+
+#: Published dense bf16 tensor-core peaks, TFLOP/s (no sparsity), by a part of the name
+#: ``torch.cuda.get_device_name`` gives; the first match counts (so "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS = (
+    ("B200", 2250.0), ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+)  # fmt: skip
 
 
 class StepTimer(TrainerCallback):
@@ -30,6 +40,24 @@ class StepTimer(TrainerCallback):
         """The time of every step, in order."""
         times = [self.start, *self.ends]
         return [b - a for a, b in zip(times, times[1:])]
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak from :data:`PEAK_BF16_TFLOPS`, ``None`` for one not listed."""
+    return next((peak for part, peak in PEAK_BF16_TFLOPS if part in device_name), None)
+
+
+def training_flops(trainer: Any, batch: dict[str, Any]) -> int:
+    """FLOPs of one training step's forward and backward on ``batch``: matrix products,
+    convolutions and attention, as ``torch.utils.flop_counter`` counts them (twice the
+    multiply-adds, whatever the dtype; elementwise work and the optimizer left out)."""
+    model = trainer.model
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**trainer._prepare_inputs(batch)).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 class TimeBudget(TrainerCallback):

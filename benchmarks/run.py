@@ -35,6 +35,8 @@ from measure import (  # noqa: E402
     TimeBudget,
     epoch_rates,
     padded_fraction,
+    peak_bf16_tflops,
+    training_flops,
 )  # fmt: skip
 from stock import (  # noqa: E402
     StockTransform,
@@ -84,6 +86,10 @@ SIZES = {
               "predict": 2, "predict_photos": 2, "pipeline": 1, "pipeline_rounds": 1,
               "budget": 0.1},
 }  # fmt: skip
+#: The GPU section (runs where CUDA is): DETR-R50 at DETR's own 800x1333 in bf16, batch 8;
+#: steps per epoch (BCCD: 8 x steps images) and timed epochs after a warm-up one, per mode.
+GPU_SIZE, GPU_BATCH = (800, 1333), 8
+GPU_STEPS = {"full": (25, 3), "quick": (8, 1), "smoke": (2, 1)}
 #: The fixed-budget comparison: the demo's data (128 px shapes, seed 0), its batch and cap.
 LEARNING_SPLITS = {"train": 400, "valid": 16, "test": 64}
 LEARNING_SMOKE_SPLITS = {"train": 16, "valid": 4, "test": 8}
@@ -389,6 +395,60 @@ def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path, seed: int
     return folder
 
 
+def gpu_section(
+    kind: str,
+    size: tuple[int, int],
+    batch: int,
+    steps: int,
+    epochs: int,
+    work: Path,
+    *,
+    bf16: bool,
+    peak_tflops: float | None = None,
+) -> dict[str, Any]:
+    """Our training's images/s (median over ``epochs`` timed epochs after a warm-up one) on
+    BCCD resized to ``size`` (shortest, longest edge), its achieved FLOP rate
+    (:func:`measure.training_flops` per image x images/s) and the share of the device's bf16
+    peak (``peak_tflops``, else :data:`measure.PEAK_BF16_TFLOPS`). Made for DETR-R50 in bf16
+    on a GPU; it runs anywhere (the tests run the tiny model in fp32 on the CPU)."""
+    dataset = bccd_images(steps * batch)
+    names = dataset.features["objects"]["category"].feature.names
+    model_dir = save_random_model(kind, names, work / f"model-{kind}-{len(names)}")
+    trainer = our_trainer(
+        model_dir, dataset, size[1], work / "gpu", image_size=size[0], bf16=bf16,
+        max_steps=(1 + epochs) * steps, per_device_train_batch_size=batch,
+    )  # fmt: skip
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    batches = list(trainer.get_train_dataloader())
+    trainer.train()
+    rates = epoch_rates(timer.durations(), [len(b["labels"]) for b in batches])
+    flops_per_image = training_flops(trainer, batches[0]) / len(batches[0]["labels"])
+    device = trainer.args.device
+    on_gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    peak = peak_tflops or (peak_bf16_tflops(name) if bf16 and on_gpu else None)
+    images_per_s = statistics.median(rates[1:] or rates)
+    achieved = flops_per_image * images_per_s / 1e12
+    row = {
+        "device": name, "model": kind, "bf16": bf16, "batch": batch,
+        "input_size": list(batches[0]["pixel_values"].shape[-2:]),
+        "workers": trainer.args.dataloader_num_workers, "images_per_s": images_per_s,
+        "epoch_images_per_s": rates, "flops_per_image": flops_per_image,
+        "achieved_tflops": achieved, "peak_tflops": peak,
+        "fraction_of_peak": achieved / peak if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+    }  # fmt: skip
+    share = f"{100 * achieved / peak:.1f} % of its {peak:.0f} peak" if peak else "peak not known"
+    print(
+        f"gpu train {kind} {'bf16' if bf16 else 'fp32'} {row['input_size']} batch {batch} on "
+        f"{name}: {images_per_s:.1f} images/s, {flops_per_image / 1e9:.1f} GFLOP per image, "
+        f"{achieved:.2f} TFLOP/s ({share})",
+        flush=True,
+    )
+    return row
+
+
 def _print(label: str, row: dict[str, Any], *keys: str) -> None:
     cells = "  ".join(f"{key} {row['ours'][key]:9.3f} vs {row['stock'][key]:9.3f}" for key in keys)
     print(f"{label:<28} {cells}  ratio {row['speedup']:.2f}x", flush=True)
@@ -449,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--learning-only", action="store_true", help="only the learning section")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the learning section")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the GPU's bf16 peak for the GPU section (default: the published one for its name)",
+    )
     args = parser.parse_args(argv)
     sizes = dict(SIZES["smoke" if args.smoke else "quick" if args.quick else "full"])
     sizes.update({k: getattr(args, k) for k in ("steps", "epochs") if getattr(args, k)})
@@ -460,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if not args.learning_only:
             results.update(speed_sections(sizes, models, quick, work))
+            if torch.cuda.is_available():
+                mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+                results["gpu"] = gpu_section(
+                    "r50", GPU_SIZE, GPU_BATCH, *GPU_STEPS[mode], work, bf16=True,
+                    peak_tflops=args.peak_tflops,
+                )  # fmt: skip
         minutes = sizes["budget"] if args.budget_minutes is None else args.budget_minutes
         if minutes > 0:
             splits = LEARNING_SMOKE_SPLITS if args.smoke else LEARNING_SPLITS

@@ -101,12 +101,14 @@ def our_trainer(
     cap: int,
     output_dir: Path,
     augment: bool = False,
+    image_size: int | None = None,
     **args: Any,
 ) -> DetrTrainer:
     """hf-detr-ft's Trainer on ``dataset`` (training and evaluation), its processor at the
-    same longest-edge cap as the stock one. Trained without augmentation, as the stock recipe
-    trains, unless ``augment``: then with the library's training transform, as ``finetune``."""
-    processor = load_image_processor(model_dir, image_size=cap, max_image_size=cap)
+    same longest-edge cap as the stock one (shortest edge ``image_size``, default the cap).
+    Trained without augmentation, as the stock recipe trains, unless ``augment``: then with
+    the library's training transform, as ``finetune``."""
+    processor = load_image_processor(model_dir, image_size=image_size or cap, max_image_size=cap)
     names = dataset.features["objects"]["category"].feature.names
     data = DetrTransform.for_evaluation(processor).apply_to(dataset)
     train = DetrTransform.for_training(processor).apply_to(dataset) if augment else data
@@ -114,6 +116,7 @@ def our_trainer(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, save_strategy="no",
         eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,
         use_cpu=not torch.cuda.is_available(),
+        auto_mixed_precision=False,  # the stock recipe's fp32 (on a GPU too), unless args say
     )  # fmt: skip
     return DetrTrainer(
         model=load_model(model_dir, names),

@@ -172,6 +172,15 @@ class DetrTrainingArguments(TrainingArguments):
             "(less padding; see hf_detr_ft/sampler.py). Every image is still seen once per epoch."
         },
     )
+    auto_mixed_precision: bool = field(
+        default=True,
+        metadata={
+            "help": "When neither --bf16 nor --fp16 is given (nor accelerate's or DeepSpeed's "
+            "own mixed precision): bf16 autocast on GPUs that compute in bf16 (compute "
+            "capability 8.0+), fp16 with loss scaling on older ones (7.x), none on CPUs, where "
+            "bf16 pays only with AMX (benchmarks/README.md). false: fp32 unless asked."
+        },
+    )
     channels_last: bool = field(
         default=True,
         metadata={
@@ -216,6 +225,9 @@ class DetrTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.auto_mixed_precision and not self._mixed_precision_configured():
+            chosen = mixed_precision_for(_cuda_capability(self.use_cpu))
+            self.bf16, self.fp16 = chosen == "bf16", chosen == "fp16"
         super().__post_init__()
         if not 0.0 <= self.ema_decay < 1.0:
             raise ArgumentError(
@@ -224,11 +236,35 @@ class DetrTrainingArguments(TrainingArguments):
         if self.ema_tau <= 0:
             raise ArgumentError(f"ema_tau must be positive, got {self.ema_tau}.")
 
+    def _mixed_precision_configured(self) -> bool:
+        """Mixed precision chosen by the user: a flag, accelerate's config (its environment
+        variable, also for FSDP; ``accelerate launch`` sets it to "no" when nothing is
+        configured, which is not a choice) or a DeepSpeed config (its own fp16/bf16)."""
+        accelerate_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        return bool(self.bf16 or self.fp16 or self.deepspeed or accelerate_choice != "no")
+
     def __getstate__(self) -> dict:
         """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""
         state = self.__dict__.copy()
         state.update({key: None for key in state if key.endswith("_token")})
         return state
+
+
+def mixed_precision_for(cuda_capability: tuple[int, int] | None) -> str:
+    """``auto_mixed_precision``'s choice for a GPU of this compute capability (``None``: no
+    GPU): ``"bf16"`` from Ampere (8.0) on, ``"fp16"`` for Volta and Turing (7.x), whose
+    tensor cores have no bf16, else ``"no"``."""
+    if cuda_capability is None:
+        return "no"
+    if cuda_capability >= (8, 0):
+        return "bf16"
+    return "fp16" if cuda_capability >= (7, 0) else "no"
+
+
+def _cuda_capability(use_cpu: bool) -> tuple[int, int] | None:
+    if use_cpu or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability()
 
 
 def default_num_workers() -> int:

@@ -13,8 +13,9 @@
 * Speed: the model's frozen BatchNorms are folded into its convolutions and, with
   ``channels_last`` (the default), its convolution weights stored NHWC
   (:mod:`hf_detr_ft.model_speedups`; same outputs, same state dict).
-* Mixed precision (``bf16``, ``fp16``): the class and box heads run in fp32
-  (:mod:`hf_detr_ft.mixed_precision`), so boxes keep their precision.
+* Mixed precision (``bf16``, ``fp16``; chosen for the GPU by ``auto_mixed_precision``): the
+  class and box heads run in fp32 (:mod:`hf_detr_ft.mixed_precision`), so boxes keep their
+  precision.
 * Multi-process loss: see :mod:`hf_detr_ft.compat` (box losses were scaled by the process
   count in transformers 5).
 * Weight average (``ema_decay`` > 0): an EMA of the weights (:mod:`hf_detr_ft.ema`) is what
@@ -136,8 +137,7 @@ class DetrTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.model is not None:
             apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
-            if self.args.bf16 or self.args.fp16:
-                keep_heads_in_fp32(self.model)
+            keep_heads_in_fp32(self.model)  # however autocast is turned on: flags, accelerate
         self._weight_average = self._create_weight_average()
         self._evaluator: CocoEvaluator | None = None
         self._eval_loss_terms: dict[str, float] = defaultdict(float)

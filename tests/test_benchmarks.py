@@ -3,6 +3,7 @@ quotes."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -51,3 +52,22 @@ def test_benchmark_quick_run_writes_its_json(tmp_path) -> None:
         row = results["learning"][side]
         assert row["steps"] > 0 and row["images_seen"] == 8 * row["steps"]
         assert 0 <= row["map"] <= row["map_50"] <= 1
+
+
+def test_gpu_section_counts_flops_and_rates(tmp_path, monkeypatch) -> None:
+    # Made for DETR-R50 in bf16 on a GPU; the same code on the tiny model, fp32, on the CPU.
+    if not BCCD.is_dir():
+        pytest.skip(f"real data not found at {BCCD}")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    run = importlib.import_module("run")
+    row = run.gpu_section("tiny", (64, 96), 2, 2, 1, tmp_path, bf16=False, peak_tflops=0.5)
+    assert row["device"] == "cpu" and row["input_size"] == [64, 85]  # BCCD's 640x480
+    assert row["images_per_s"] > 0 and len(row["epoch_images_per_s"]) == 2
+    # forward + backward of the tiny DETR: more than its forward's multiply-adds alone
+    assert 1e7 < row["flops_per_image"] < 1e10
+    achieved = row["flops_per_image"] * row["images_per_s"] / 1e12
+    assert row["achieved_tflops"] == pytest.approx(achieved)
+    assert row["fraction_of_peak"] == pytest.approx(achieved / 0.5)
+    assert run.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert run.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert run.peak_bf16_tflops("Some Future GPU") is None

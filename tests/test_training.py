@@ -20,7 +20,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_detr_ft.arguments import parse_train_args
+from hf_detr_ft.arguments import DetrTrainingArguments, mixed_precision_for, parse_train_args
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.evaluation import SUMMARY_METRICS
@@ -71,6 +71,19 @@ def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, t
     assert output_dtypes == {torch.float32}  # loss, logits and boxes: the heads ran in fp32
     assert trainer.model.dtype == torch.float32  # weights (and the optimizer) stay in fp32
     assert after < 0.8 * before
+
+
+def test_mixed_precision_is_chosen_for_the_hardware_unless_asked_for(tmp_path) -> None:
+    # by compute capability: bf16 from Ampere on, fp16 on Volta/Turing, none on a CPU
+    assert mixed_precision_for((9, 0)) == mixed_precision_for((8, 0)) == "bf16"
+    assert mixed_precision_for((7, 5)) == mixed_precision_for((7, 0)) == "fp16"
+    assert mixed_precision_for((6, 1)) == mixed_precision_for(None) == "no"
+    on_cpu = DetrTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert not on_cpu.bf16 and not on_cpu.fp16
+    asked = DetrTrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True)
+    assert asked.bf16 and not asked.fp16 and asked.auto_mixed_precision
+    _, _, off = parse_train_args(["--dataset_dir", "d", "--auto_mixed_precision", "false"])
+    assert not off.auto_mixed_precision and not off.bf16 and not off.fp16
 
 
 def test_flos_estimate_is_the_trainers(tiny_model_dir, shapes_dir, tmp_path) -> None:
