@@ -239,9 +239,12 @@ class DetrTrainingArguments(TrainingArguments):
     def _mixed_precision_configured(self) -> bool:
         """Mixed precision chosen by the user: a flag, accelerate's config (its environment
         variable, also for FSDP; ``accelerate launch`` sets it to "no" when nothing is
-        configured, which is not a choice) or a DeepSpeed config (its own fp16/bf16)."""
+        configured, which is not a choice) or DeepSpeed (its config has its own fp16/bf16)."""
         accelerate_choice = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        return bool(self.bf16 or self.fp16 or self.deepspeed or accelerate_choice != "no")
+        deepspeed = (
+            self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        )
+        return bool(self.bf16 or self.fp16 or deepspeed or accelerate_choice != "no")
 
     def __getstate__(self) -> dict:
         """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""

@@ -73,7 +73,7 @@ def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, t
     assert after < 0.8 * before
 
 
-def test_mixed_precision_is_chosen_for_the_hardware_unless_asked_for(tmp_path) -> None:
+def test_mixed_precision_is_chosen_for_the_hardware_unless_asked_for(tmp_path, monkeypatch) -> None:
     # by compute capability: bf16 from Ampere on, fp16 on Volta/Turing, none on a CPU
     assert mixed_precision_for((9, 0)) == mixed_precision_for((8, 0)) == "bf16"
     assert mixed_precision_for((7, 5)) == mixed_precision_for((7, 0)) == "fp16"
@@ -84,6 +84,14 @@ def test_mixed_precision_is_chosen_for_the_hardware_unless_asked_for(tmp_path) -
     assert asked.bf16 and not asked.fp16 and asked.auto_mixed_precision
     _, _, off = parse_train_args(["--dataset_dir", "d", "--auto_mixed_precision", "false"])
     assert not off.auto_mixed_precision and not off.bf16 and not off.fp16
+    # accelerate's config chooses when it names a precision; "no" is accelerate launch's default
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert not on_cpu._mixed_precision_configured()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert on_cpu._mixed_precision_configured()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert on_cpu._mixed_precision_configured()
 
 
 def test_flos_estimate_is_the_trainers(tiny_model_dir, shapes_dir, tmp_path) -> None:
