@@ -420,10 +420,13 @@ def gpu_section(
     )  # fmt: skip
     timer = StepTimer()
     trainer.add_callback(timer)
-    batches = list(trainer.get_train_dataloader())
+    batch_sizes, first = [], None
+    for loaded in trainer.get_train_dataloader():
+        batch_sizes.append(len(loaded["labels"]))
+        first = loaded if first is None else first
     trainer.train()
-    rates = epoch_rates(timer.durations(), [len(b["labels"]) for b in batches])
-    flops_per_image = training_flops(trainer, batches[0]) / len(batches[0]["labels"])
+    rates = epoch_rates(timer.durations(), batch_sizes)
+    flops_per_image = training_flops(trainer, first) / len(first["labels"])
     device = trainer.args.device
     on_gpu = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
@@ -432,7 +435,7 @@ def gpu_section(
     achieved = flops_per_image * images_per_s / 1e12
     row = {
         "device": name, "model": kind, "bf16": bf16, "batch": batch,
-        "input_size": list(batches[0]["pixel_values"].shape[-2:]),
+        "input_size": list(first["pixel_values"].shape[-2:]),
         "workers": trainer.args.dataloader_num_workers, "images_per_s": images_per_s,
         "epoch_images_per_s": rates, "flops_per_image": flops_per_image,
         "achieved_tflops": achieved, "peak_tflops": peak,

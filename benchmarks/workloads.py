@@ -12,7 +12,7 @@ from datasets import Dataset
 from PIL import Image
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig, TrainerCallback
 
-from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.arguments import DetrTrainingArguments, default_num_workers
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import detection_features, load_detection_dataset
 from hf_detr_ft.demo import DEMO_CHECKPOINT, DEMO_SETTINGS
@@ -117,6 +117,9 @@ def our_trainer(
         eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,
         use_cpu=not torch.cuda.is_available(),
         auto_mixed_precision=False,  # the stock recipe's fp32 (on a GPU too), unless args say
+        # Workers (with a GPU) kept between the benchmark's short epochs, whose time would
+        # otherwise be their start; without augmentation they repeat nothing.
+        dataloader_persistent_workers=not augment and default_num_workers() > 0,
     )  # fmt: skip
     return DetrTrainer(
         model=load_model(model_dir, names),
