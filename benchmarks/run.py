@@ -420,6 +420,8 @@ def gpu_section(
     )  # fmt: skip
     timer = StepTimer()
     trainer.add_callback(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # of this section, not the ones before it
     batch_sizes, first = [], None
     for loaded in trainer.get_train_dataloader():
         batch_sizes.append(len(loaded["labels"]))
