@@ -520,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the GPU's bf16 peak for the GPU section (default: the published one for its name)",
     )
     args = parser.parse_args(argv)
-    sizes = dict(SIZES["smoke" if args.smoke else "quick" if args.quick else "full"])
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = dict(SIZES[mode])
     sizes.update({k: getattr(args, k) for k in ("steps", "epochs") if getattr(args, k)})
     models = args.models.split(",")
     quick = args.quick or args.smoke
@@ -531,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.learning_only:
             results.update(speed_sections(sizes, models, quick, work))
             if torch.cuda.is_available():
-                mode = "smoke" if args.smoke else "quick" if args.quick else "full"
                 results["gpu"] = gpu_section(
                     "r50", GPU_SIZE, GPU_BATCH, *GPU_STEPS[mode], work, bf16=True,
                     peak_tflops=args.peak_tflops,

@@ -117,13 +117,15 @@ def our_trainer(
         eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,
         use_cpu=not torch.cuda.is_available(),
         auto_mixed_precision=False,  # the stock recipe's fp32 (on a GPU too), unless args say
-        # Workers (with a GPU) kept between the benchmark's short epochs, whose time would
-        # otherwise be their start; without augmentation they repeat nothing.
-        dataloader_persistent_workers=not augment and default_num_workers() > 0,
     )  # fmt: skip
+    settings.update(args)
+    # Workers (with a GPU) kept between the benchmark's short epochs, whose time would
+    # otherwise be their start; without augmentation they repeat nothing.
+    workers = settings.get("dataloader_num_workers", default_num_workers())
+    settings.setdefault("dataloader_persistent_workers", not augment and workers > 0)
     return DetrTrainer(
         model=load_model(model_dir, names),
-        args=DetrTrainingArguments(**{**settings, **args}),
+        args=DetrTrainingArguments(**settings),
         train_dataset=train,
         eval_dataset=data,
         processing_class=processor,
