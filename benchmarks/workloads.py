@@ -17,6 +17,7 @@ from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import detection_features, load_detection_dataset
 from hf_detr_ft.demo import DEMO_CHECKPOINT, DEMO_SETTINGS
 from hf_detr_ft.finetune import finetune
+from hf_detr_ft.image_cache import DecodedImageCache, default_cache_mb
 from hf_detr_ft.modeling import load_image_processor, load_model
 from hf_detr_ft.synthetic import DEMO_CLASSES, make_shapes_dataset
 from hf_detr_ft.trainer import DetrTrainer
@@ -106,12 +107,19 @@ def our_trainer(
 ) -> DetrTrainer:
     """hf-detr-ft's Trainer on ``dataset`` (training and evaluation), its processor at the
     same longest-edge cap as the stock one (shortest edge ``image_size``, default the cap).
-    Trained without augmentation, as the stock recipe trains, unless ``augment``: then with
-    the library's training transform, as ``finetune``."""
+    Trained without augmentation, as the stock recipe trains (decoded images kept between
+    epochs, as in training), unless ``augment``: then with the library's training transform,
+    as ``finetune``."""
     processor = load_image_processor(model_dir, image_size=image_size or cap, max_image_size=cap)
     names = dataset.features["objects"]["category"].feature.names
     data = DetrTransform.for_evaluation(processor).apply_to(dataset)
-    train = DetrTransform.for_training(processor).apply_to(dataset) if augment else data
+    # Unaugmented, the training transform is the evaluation one plus training's image cache.
+    training = (
+        DetrTransform.for_training(processor)
+        if augment
+        else DetrTransform(processor, image_cache=DecodedImageCache(default_cache_mb()))
+    )
+    train = training.apply_to(dataset)
     settings = dict(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, save_strategy="no",
         eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,

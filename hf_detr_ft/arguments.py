@@ -101,12 +101,28 @@ class DataArguments:
             "image_size to image_size (DETR: 0.6; 1 turns it off, e.g. for tiny objects)."
         },
     )
+    image_cache_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "Memory in MB for decoded training images kept between epochs, so that "
+            "each is decoded once (only without DataLoader workers, the CPU default). Default: "
+            "an eighth of the machine's memory, at most 4096; 0 decodes every epoch."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training images (for quick runs)."}
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N images of each evaluation split."}
     )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_scale <= 1:
+            raise ArgumentError(f"min_scale must be in (0, 1], got {self.min_scale}.")
+        if self.image_cache_mb is not None and self.image_cache_mb < 0:
+            raise ArgumentError(
+                f"image_cache_mb must be 0 (no cache) or more, got {self.image_cache_mb}."
+            )
 
 
 @dataclass

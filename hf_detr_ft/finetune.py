@@ -94,7 +94,10 @@ def run_training(
     )
 
     train_transform = DetrTransform.for_training(
-        image_processor, seed=training_args.seed, min_scale=data_args.min_scale
+        image_processor,
+        seed=training_args.seed,
+        min_scale=data_args.min_scale,
+        image_cache_mb=data_args.image_cache_mb,
     )
     eval_transform = DetrTransform.for_evaluation(image_processor)
     train_dataset = _first(data.splits["train"], data_args.max_train_samples)

@@ -22,7 +22,7 @@ from transformers import DetrForObjectDetection, DetrImageProcessor, DetrImagePr
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import detection_features, load_detection_dataset
 from hf_detr_ft.image_files import IMAGE_ERRORS, decode_for_resize
-from hf_detr_ft.transforms import DetrTransform, train_scales
+from hf_detr_ft.transforms import DetrTransform, train_augmentation, train_scales
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,27 @@ def test_train_transform_keeps_boxes_valid(bccd_train, processor) -> None:
         assert torch.all((boxes >= 0) & (boxes <= 1))
         assert torch.all(boxes[:, 2:] > 0)
         assert min(item["pixel_values"].shape[-2:]) in scales
+
+
+def test_boxes_filtered_once_at_the_end_as_after_every_augmentation(bccd_train) -> None:
+    ours = train_augmentation()
+    params = {**ours.processors["bboxes"].params.to_dict_private(), "check_each_transform": True}
+    params.pop("__class_fullname__", None)
+    each = A.Compose(ours.transforms, bbox_params=A.BboxParams(**params))
+    for i in range(len(bccd_train)):
+        image, objects = np.array(bccd_train[i]["image"]), bccd_train[i]["objects"]
+        height, width = image.shape[:2]
+        # and two boxes reaching out of the image, which clipping shrinks
+        boxes = objects["bbox"] + [[width - 8.0, height - 8.0, 20.0, 20.0], [-5.0, 4.0, 6.0, 9.0]]
+        targets = {"category": objects["category"] + [0, 1], "iscrowd": [0] * len(boxes)}
+        for seed in range(8):
+            out = []
+            for augmentation in (ours, each):
+                augmentation.set_random_seed(1000 * i + seed)
+                out.append(augmentation(image=image, bboxes=boxes, **targets))
+            np.testing.assert_array_equal(out[0]["image"], out[1]["image"])
+            np.testing.assert_allclose(out[0]["bboxes"], out[1]["bboxes"])
+            assert list(out[0]["category"]) == list(out[1]["category"])
 
 
 def test_min_scale_sets_the_multi_scale_range(bccd_train, processor) -> None:
