@@ -3,6 +3,9 @@ wall-clock training budget, the FLOPs of a training step and GPUs' peak FLOP rat
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import math
 import threading
 import time
@@ -93,6 +96,17 @@ def epoch_rates(durations: list[float], batch_sizes: list[int]) -> list[float]:
     steps = len(batch_sizes)
     epochs = len(durations) // steps
     return [sum(batch_sizes) / sum(durations[e * steps : (e + 1) * steps]) for e in range(epochs)]
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's
+    ``malloc_trim``; elsewhere only the collection), so that a measurement neither reuses
+    what an earlier one freed (fewer page faults, less measured growth) nor pays for it."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 class PeakRSS:

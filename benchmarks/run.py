@@ -36,6 +36,7 @@ from measure import (  # noqa: E402
     epoch_rates,
     padded_fraction,
     peak_bf16_tflops,
+    release_freed_memory,
     training_flops,
 )  # fmt: skip
 from stock import (  # noqa: E402
@@ -113,6 +114,7 @@ def train_section(
         timer = StepTimer()
         trainer.add_callback(timer)
         batches = list(trainer.get_train_dataloader())
+        release_freed_memory()
         with PeakRSS() as memory:
             trainer.train()
         rates = epoch_rates(timer.durations(), [len(b["labels"]) for b in batches])
@@ -248,6 +250,7 @@ def eval_section(
         runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
         for _ in range(repeats):
             for side, trainer in sides.items():
+                release_freed_memory()
                 start = time.perf_counter()
                 with PeakRSS() as memory:
                     metrics = trainer.evaluate()

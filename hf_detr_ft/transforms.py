@@ -19,7 +19,8 @@ larger than the resize target is decoded at 1/2, 1/4 or 1/8 scale
 (:func:`hf_detr_ft.image_files.decode_for_resize`): a 12-megapixel photo trained at 800x1333
 is decoded and resized 3x faster, at 600 px 6x. Boxes are scaled with it, and ``orig_size``
 stays the full size that the annotations and the COCO evaluation use. (Resizing before the
-random crop is also what the original DETR's augmentation does.)
+random crop is also what the original DETR's augmentation does.) The training transform
+keeps what it decoded for the next epochs (:mod:`hf_detr_ft.image_cache`).
 
 The random choices for an image (flip, crop, jitter, scale) depend only on the transform's
 ``seed``, the epoch (:meth:`DetrTransform.set_epoch`, called by :class:`AugmentationEpochCallback`)
