@@ -106,7 +106,8 @@ class DataArguments:
         metadata={
             "help": "Memory in MB for decoded training images kept between epochs, so that "
             "each is decoded once (only without DataLoader workers, the CPU default). Default: "
-            "an eighth of the machine's memory, at most 4096; 0 decodes every epoch."
+            "an eighth of the machine's memory, at most 4096, divided among the machine's "
+            "training processes; 0 decodes every epoch."
         },
     )
     max_train_samples: int | None = field(

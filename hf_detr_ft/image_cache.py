@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -35,8 +36,11 @@ Decoded = tuple[np.ndarray, tuple[int, int]]
 
 
 def default_cache_mb() -> float:
-    """An eighth of the machine's memory, at most :data:`MAX_DEFAULT_MB`."""
-    return min(MAX_DEFAULT_MB, psutil.virtual_memory().total / 8 / 2**20)
+    """An eighth of the machine's memory, at most :data:`MAX_DEFAULT_MB`, shared by the
+    training processes on the machine (``LOCAL_WORLD_SIZE``, set by torchrun and accelerate):
+    each of them caches its own images."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(MAX_DEFAULT_MB, psutil.virtual_memory().total / 8 / 2**20) / processes
 
 
 class DecodedImageCache:

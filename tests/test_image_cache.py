@@ -17,7 +17,7 @@ from hf_detr_ft.arguments import DataArguments
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.errors import ArgumentError
-from hf_detr_ft.image_cache import DecodedImageCache
+from hf_detr_ft.image_cache import MAX_DEFAULT_MB, DecodedImageCache, default_cache_mb
 from hf_detr_ft.modeling import load_image_processor
 from hf_detr_ft.transforms import DetrTransform
 
@@ -120,6 +120,14 @@ def test_dataloader_workers_decode_without_caching(bccd_train, processor) -> Non
     )  # fmt: skip
     assert list(loader) == [0] * len(loader)
     assert len(transform.image_cache) == 0
+
+
+def test_the_default_budget_is_shared_by_the_processes_of_a_machine(monkeypatch) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = default_cache_mb()
+    assert 0 < alone <= MAX_DEFAULT_MB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_cache_mb() == pytest.approx(alone / 4)
 
 
 def test_cache_budget_flag() -> None:
