@@ -150,11 +150,17 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class EpochCounter(TrainerCallback):
+    """Counts epochs; keeps the training transform's image cache size at each epoch's end."""
+
     def __init__(self) -> None:
         self.ended = 0
+        self.cached: list[tuple[int, int]] = []  # (images cached, training images)
 
-    def on_epoch_end(self, *args, **kwargs) -> None:
+    def on_epoch_end(self, *args, train_dataloader=None, **kwargs) -> None:
         self.ended += 1
+        data = train_dataloader.dataset
+        cache = data.format["format_kwargs"]["transform"].image_cache
+        self.cached.append((len(cache), len(data)))
 
 
 def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, tmp_path) -> None:
@@ -165,6 +171,8 @@ def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, 
         per_device_train_batch_size=8, callbacks=[epochs], **QUICK,
     )  # fmt: skip
     assert epochs.ended == 2  # the user's callback ran in the Trainer
+    # Each training image decoded once: all of them cached in the first epoch (the default).
+    assert epochs.cached[0] == epochs.cached[1] and epochs.cached[0][0] == epochs.cached[0][1]
     assert result.output_dir == out and result.eval_split == "test"
     assert {f"eval_{m}" for m in SUMMARY_METRICS} <= result.metrics.keys()
     saved = json.loads((out / METRICS_FILE).read_text())
