@@ -61,13 +61,13 @@ class DecodedImageCache:
     def __len__(self) -> int:
         return len(self._decoded)
 
-    def get(self, image: Any) -> Decoded | None:
-        key = _key(image)
+    def get(self, key: Hashable | None) -> Decoded | None:
+        """What :meth:`put` kept under ``key`` (:func:`image_key`), if anything."""
         return None if key is None else self._decoded.get(key)
 
-    def put(self, image: Any, decoded: Decoded) -> None:
-        """Keep ``decoded`` (made read-only) if the budget has room for it."""
-        key, (pixels, _) = _key(image), decoded
+    def put(self, key: Hashable | None, decoded: Decoded) -> None:
+        """Keep ``decoded`` (made read-only) under ``key`` if the budget has room for it."""
+        pixels, _ = decoded
         if key is None or key in self._decoded or self.full:
             return
         if self.used_bytes + pixels.nbytes > self.budget_bytes:
@@ -93,9 +93,10 @@ class DecodedImageCache:
         self._clear()
 
 
-def _key(image: Any) -> Hashable | None:
-    """Encoded bytes by their digest (a file name inside a Parquet file need not be unique),
-    a file by its path; ``None`` for an image that is not an encoded one."""
+def image_key(image: Any) -> Hashable | None:
+    """The cache key of a dataset image: encoded bytes by their digest (a file name inside a
+    Parquet file need not be unique), a file by its path; ``None`` for an image that is not
+    an encoded one."""
     if not isinstance(image, Mapping):
         return None
     data, path = image.get("bytes"), image.get("path")

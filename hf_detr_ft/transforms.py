@@ -59,7 +59,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import SizeDict, get_image_size_for_max_height_width
 
-from .image_cache import DecodedImageCache, default_cache_mb
+from .image_cache import DecodedImageCache, default_cache_mb, image_key
 from .image_files import decode_for_resize
 
 logger = logging.getLogger(__name__)
@@ -178,18 +178,22 @@ class DetrTransform:
         """
         in_worker = get_worker_info() is not None
         cache = None if in_worker else self.image_cache
-        decoded = [cache.get(image) if cache else None for image in images]
+        if cache is None:  # "is None": an empty cache is falsy (its len is 0)
+            keys, decoded = [None] * len(images), [None] * len(images)
+        else:
+            keys = [image_key(image) for image in images]
+            decoded = [cache.get(key) for key in keys]
         missing = [image for image, pixels in zip(images, decoded) if pixels is None]
         threads = torch.get_num_threads()
         if min(len(missing), threads) < 2 or in_worker:
             fresh = iter([self._decode(image) for image in missing])
         else:
             fresh = _decoding_threads(os.getpid(), threads).map(self._decode, missing)
-        for i, image in enumerate(images):
+        for i, key in enumerate(keys):
             if decoded[i] is None:
                 decoded[i] = next(fresh)
                 if cache is not None:
-                    cache.put(image, decoded[i])
+                    cache.put(key, decoded[i])
         return decoded
 
     def _decode(self, image: Any) -> tuple[np.ndarray, tuple[int, int] | None]:

@@ -17,7 +17,7 @@ from hf_detr_ft.arguments import DataArguments
 from hf_detr_ft.collate import collate_fn
 from hf_detr_ft.dataset import load_detection_dataset
 from hf_detr_ft.errors import ArgumentError
-from hf_detr_ft.image_cache import MAX_DEFAULT_MB, DecodedImageCache, default_cache_mb
+from hf_detr_ft.image_cache import MAX_DEFAULT_MB, DecodedImageCache, default_cache_mb, image_key
 from hf_detr_ft.modeling import load_image_processor
 from hf_detr_ft.transforms import DetrTransform
 
@@ -76,10 +76,11 @@ def test_the_cache_fills_to_its_budget_and_then_keeps_what_it_holds() -> None:
     pixels = [np.full((32, 32, 3), i, np.uint8) for i in range(3)]  # 3 KB each
     cache = DecodedImageCache(budget_mb=7 / 1024)
     for image, array in zip(images, pixels):
-        cache.put(image, (array, (32, 32)))
-    cache.put(images[0], (pixels[0], (32, 32)))  # already held: not counted twice
+        cache.put(image_key(image), (array, (32, 32)))
+    cache.put(image_key(images[0]), (pixels[0], (32, 32)))  # already held: not counted twice
     assert len(cache) == 2 and cache.full and cache.used_bytes == 2 * pixels[0].nbytes
-    assert cache.get(images[1])[0] is pixels[1] and cache.get(images[2]) is None
+    assert cache.get(image_key(images[1]))[0] is pixels[1]
+    assert cache.get(image_key(images[2])) is None
     assert not pixels[0].flags.writeable  # what the next epoch reads cannot be changed
     with pytest.raises(ValueError):
         pixels[0][0, 0, 0] = 9
@@ -88,10 +89,10 @@ def test_the_cache_fills_to_its_budget_and_then_keeps_what_it_holds() -> None:
 def test_encoded_bytes_are_keyed_by_their_content_not_their_name() -> None:
     cache = DecodedImageCache(budget_mb=1)
     red, dark = _png(200), _png(10)
-    cache.put(red, (np.zeros((4, 8, 3), np.uint8), (8, 4)))
-    assert cache.get(dict(red)) is not None  # the same bytes, read again
-    assert cache.get(dark) is None  # another image under the same file name
-    assert cache.get(np.zeros((4, 8, 3), np.uint8)) is None  # decoded images are not keyed
+    cache.put(image_key(red), (np.zeros((4, 8, 3), np.uint8), (8, 4)))
+    assert cache.get(image_key(dict(red))) is not None  # the same bytes, read again
+    assert cache.get(image_key(dark)) is None  # another image under the same file name
+    assert image_key(np.zeros((4, 8, 3), np.uint8)) is None  # decoded images are not keyed
 
 
 def test_copies_of_the_transform_start_with_an_empty_cache(bccd_train, processor) -> None:
