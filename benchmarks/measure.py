@@ -20,11 +20,25 @@ from transformers import TrainerCallback
 #: Published dense bf16 tensor-core peaks, TFLOP/s (no sparsity), by a part of the name
 #: ``torch.cuda.get_device_name`` gives; the first match counts (so "H100 PCIe" before "H100").
 PEAK_BF16_TFLOPS = (
-    ("B200", 2250.0), ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
-)  # fmt: skip
+    ("B200", 2250.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 6000 Ada", 364.0),
+    ("RTX A6000", 155.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
 
 
 class StepTimer(TrainerCallback):

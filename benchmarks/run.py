@@ -38,7 +38,7 @@ from measure import (  # noqa: E402
     peak_bf16_tflops,
     release_freed_memory,
     training_flops,
-)  # fmt: skip
+)
 from stock import (  # noqa: E402
     StockTransform,
     stock_arguments,
@@ -46,7 +46,7 @@ from stock import (  # noqa: E402
     stock_compute_metrics,
     stock_processor,
     stock_trainer,
-)  # fmt: skip
+)
 from workloads import (  # noqa: E402
     BCCD,
     bccd_images,
@@ -55,15 +55,15 @@ from workloads import (  # noqa: E402
     our_trainer,
     phone_photos,
     save_random_model,
-)  # fmt: skip
+)
 
-from hf_detr_ft.collate import collate_fn  # noqa: E402
-from hf_detr_ft.dataset import load_detection_dataset  # noqa: E402
+from hf_detr_ft.data.dataset import load_detection_dataset  # noqa: E402
+from hf_detr_ft.data.synthetic import make_shapes_dataset  # noqa: E402
 from hf_detr_ft.demo import DEMO_CHECKPOINT  # noqa: E402
-from hf_detr_ft.model_evaluation import evaluate  # noqa: E402
-from hf_detr_ft.modeling import load_image_processor  # noqa: E402
-from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
-from hf_detr_ft.transforms import DetrTransform  # noqa: E402
+from hf_detr_ft.evaluation.evaluate import evaluate  # noqa: E402
+from hf_detr_ft.models.loading import load_image_processor  # noqa: E402
+from hf_detr_ft.pipeline.collate import collate_fn  # noqa: E402
+from hf_detr_ft.pipeline.transforms import DetrTransform  # noqa: E402
 
 CAP, BATCH = 600, 2
 #: Per mode: training steps per epoch (the training set is ``steps x BATCH`` images; one
@@ -74,19 +74,52 @@ CAP, BATCH = 600, 2
 #: learning section; a budget under a few minutes measures warm-up, not learning). ``smoke``
 #: only checks that everything runs; the test suite runs ``quick`` with ``--steps 2``.
 SIZES = {
-    "full": {"steps": 16, "epochs": 3, "r50_steps": 6, "r50_epochs": 3,
-             "eval": [50, 200, 800], "eval_photos": 50, "eval_bccd": 200, "eval_repeats": 3,
-             "predict": 128, "predict_photos": 32, "pipeline": 16, "pipeline_rounds": 3,
-             "budget": 4.0},
-    "quick": {"steps": 8, "epochs": 2, "r50_steps": 2, "r50_epochs": 1,
-              "eval": [20, 50], "eval_photos": 16, "eval_bccd": 50, "eval_repeats": 1,
-              "predict": 32, "predict_photos": 8, "pipeline": 8, "pipeline_rounds": 2,
-              "budget": 0.0},
-    "smoke": {"steps": 2, "epochs": 1, "r50_steps": 1, "r50_epochs": 1,
-              "eval": [4], "eval_photos": 2, "eval_bccd": 2, "eval_repeats": 1,
-              "predict": 2, "predict_photos": 2, "pipeline": 1, "pipeline_rounds": 1,
-              "budget": 0.1},
-}  # fmt: skip
+    "full": {
+        "steps": 16,
+        "epochs": 3,
+        "r50_steps": 6,
+        "r50_epochs": 3,
+        "eval": [50, 200, 800],
+        "eval_photos": 50,
+        "eval_bccd": 200,
+        "eval_repeats": 3,
+        "predict": 128,
+        "predict_photos": 32,
+        "pipeline": 16,
+        "pipeline_rounds": 3,
+        "budget": 4.0,
+    },
+    "quick": {
+        "steps": 8,
+        "epochs": 2,
+        "r50_steps": 2,
+        "r50_epochs": 1,
+        "eval": [20, 50],
+        "eval_photos": 16,
+        "eval_bccd": 50,
+        "eval_repeats": 1,
+        "predict": 32,
+        "predict_photos": 8,
+        "pipeline": 8,
+        "pipeline_rounds": 2,
+        "budget": 0.0,
+    },
+    "smoke": {
+        "steps": 2,
+        "epochs": 1,
+        "r50_steps": 1,
+        "r50_epochs": 1,
+        "eval": [4],
+        "eval_photos": 2,
+        "eval_bccd": 2,
+        "eval_repeats": 1,
+        "predict": 2,
+        "predict_photos": 2,
+        "pipeline": 1,
+        "pipeline_rounds": 1,
+        "budget": 0.1,
+    },
+}
 #: The GPU section (runs where CUDA is): DETR-R50 at DETR's own 800x1333 in bf16, batch 8;
 #: steps per epoch (BCCD: 8 x steps images) and timed epochs after a warm-up one, per mode.
 GPU_SIZE, GPU_BATCH = (800, 1333), 8
@@ -148,7 +181,7 @@ def pipeline_section(
     BCCD, beside the tiny model's training on the same photos, and on phone-size photos ours
     (reduced JPEG decoding) vs every pixel decoded vs stock.
     """
-    from hf_detr_ft.modeling import load_image_processor
+    from hf_detr_ft.models.loading import load_image_processor
 
     processor = load_image_processor("none-such", image_size=CAP, max_image_size=CAP)
     transform = DetrTransform.for_training(processor)
@@ -189,9 +222,14 @@ def _pipeline_beside_training(dataset, rounds: int, work: Path) -> dict[str, Any
     steps = len(dataset) // BATCH
     dataset = dataset.select(range(steps * BATCH))
     trainer = our_trainer(
-        model_dir, dataset, CAP, work / "ours-augmented", augment=True, max_steps=2 * steps,
+        model_dir,
+        dataset,
+        CAP,
+        work / "ours-augmented",
+        augment=True,
+        max_steps=2 * steps,
         per_device_train_batch_size=BATCH,
-    )  # fmt: skip
+    )
     pipeline, training = [], []
     for _ in range(rounds):
         pipeline.append(_loading_rate(trainer.train_dataset, collate_fn, steps - 1))
@@ -234,8 +272,9 @@ def eval_section(
     in turns (so that the machine's drift meets both), after one untimed evaluation each (the
     first in a process pays one-time costs: thread pools, first kernels)."""
     result = {}
-    evaluations = [(str(count), mixed_aspect_images(work / "eval-data", count, seed=1))
-                   for count in counts]  # fmt: skip
+    evaluations = [
+        (str(count), mixed_aspect_images(work / "eval-data", count, seed=1)) for count in counts
+    ]
     evaluations.append((f"{bccd} BCCD photos", bccd_images(bccd)))
     evaluations.append((f"{photos} photos", phone_photos(work / "photos", photos)))
     for index, (label, dataset) in enumerate(evaluations):
@@ -254,10 +293,13 @@ def eval_section(
                 start = time.perf_counter()
                 with PeakRSS() as memory:
                     metrics = trainer.evaluate()
-                runs[side].append({
-                    "seconds": time.perf_counter() - start, "peak_growth_mb": memory.growth_mb,
-                    "map": metrics.get("eval_map", -1.0),
-                })  # fmt: skip
+                runs[side].append(
+                    {
+                        "seconds": time.perf_counter() - start,
+                        "peak_growth_mb": memory.growth_mb,
+                        "map": metrics.get("eval_map", -1.0),
+                    }
+                )
         row: dict[str, Any] = {
             side: {
                 "seconds": statistics.median(run["seconds"] for run in timed),
@@ -269,8 +311,12 @@ def eval_section(
         }
         row["speedup"] = row["stock"]["seconds"] / row["ours"]["seconds"]
         result[label] = row
-        _print(f"eval {label}" + (" images" if label.isdigit() else ""), row, "seconds",
-               "peak_growth_mb")  # fmt: skip
+        _print(
+            f"eval {label}" + (" images" if label.isdigit() else ""),
+            row,
+            "seconds",
+            "peak_growth_mb",
+        )
     return result
 
 
@@ -290,7 +336,7 @@ def predict_section(files: list[Path], label: str, work: Path) -> dict[str, Any]
     """Batched ``predict`` vs ``pipeline("object-detection")`` called image by image."""
     from transformers import DetrImageProcessor, pipeline
 
-    from hf_detr_ft.predict import predict
+    from hf_detr_ft.inference.predict import predict
 
     model_dir = save_random_model("tiny", ["RBC", "WBC", "Platelets"], work / "model-predict")
     size = {"shortest_edge": CAP, "longest_edge": CAP}
@@ -336,15 +382,19 @@ def learning_section(
         }
         trained = {side: job.result() for side, job in jobs.items()}
     row: dict[str, Any] = {
-        "budget_minutes": minutes, "seed": seed, "threads_per_side": threads,
+        "budget_minutes": minutes,
+        "seed": seed,
+        "threads_per_side": threads,
         "load_1min": os.getloadavg()[0],
-    }  # fmt: skip
+    }
     for side, (model_dir, steps) in trained.items():
         found = evaluate(model_dir, data_dir, "test", batch_size=16, device="cpu").metrics
         row[side] = {
-            "map": found["map"], "map_50": found["map_50"], "steps": steps,
+            "map": found["map"],
+            "map_50": found["map_50"],
+            "steps": steps,
             "images_seen": steps * LEARNING_BATCH,
-        }  # fmt: skip
+        }
         print(
             f"learning {minutes:g} min, {side:<5} mAP {found['map']:.3f}  mAP50 "
             f"{found['map_50']:.3f}  steps {steps}  (load {row['load_1min']:.1f})",
@@ -366,10 +416,17 @@ def _learn_side(
 def _learn_ours(budget: TimeBudget, data_dir: Path, output_dir: Path, seed: int) -> Path:
     """``finetune()`` with the demo's settings; no evaluation or checkpoints on the clock."""
     return finetune_with(
-        budget, data_dir, output_dir, seed=seed, num_train_epochs=10_000,
-        lr_scheduler_type="constant", eval_on_start=False, eval_strategy="no",
-        save_strategy="no", load_best_model_at_end=False,
-    )  # fmt: skip
+        budget,
+        data_dir,
+        output_dir,
+        seed=seed,
+        num_train_epochs=10_000,
+        lr_scheduler_type="constant",
+        eval_on_start=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
 
 
 def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path, seed: int) -> Path:
@@ -381,14 +438,20 @@ def _learn_stock(budget: TimeBudget, data_dir: Path, output_dir: Path, seed: int
     names = data.class_names
     set_seed(seed)
     model = AutoModelForObjectDetection.from_pretrained(
-        DEMO_CHECKPOINT, id2label=dict(enumerate(names)), ignore_mismatched_sizes=True,
+        DEMO_CHECKPOINT,
+        id2label=dict(enumerate(names)),
+        ignore_mismatched_sizes=True,
         label2id={name: i for i, name in enumerate(names)},
-    )  # fmt: skip
+    )
     processor = stock_processor(LEARNING_CAP)
     args = stock_arguments(
-        str(output_dir), per_device_train_batch_size=LEARNING_BATCH, num_train_epochs=10_000,
-        lr_scheduler_type="constant", seed=seed, logging_steps=100,
-    )  # fmt: skip
+        str(output_dir),
+        per_device_train_batch_size=LEARNING_BATCH,
+        num_train_epochs=10_000,
+        lr_scheduler_type="constant",
+        seed=seed,
+        logging_steps=100,
+    )
     train = data.splits["train"].with_transform(StockTransform(processor))
     stock_trainer(model, args, train=train, processing_class=processor, callbacks=[budget]).train()
     folder = output_dir / "model"
@@ -418,9 +481,15 @@ def gpu_section(
     names = dataset.features["objects"]["category"].feature.names
     model_dir = save_random_model(kind, names, work / f"model-{kind}-{len(names)}")
     trainer = our_trainer(
-        model_dir, dataset, size[1], work / "gpu", image_size=size[0], bf16=bf16,
-        max_steps=(1 + epochs) * steps, per_device_train_batch_size=batch,
-    )  # fmt: skip
+        model_dir,
+        dataset,
+        size[1],
+        work / "gpu",
+        image_size=size[0],
+        bf16=bf16,
+        max_steps=(1 + epochs) * steps,
+        per_device_train_batch_size=batch,
+    )
     timer = StepTimer()
     trainer.add_callback(timer)
     if torch.cuda.is_available():
@@ -439,14 +508,20 @@ def gpu_section(
     images_per_s = statistics.median(rates[1:] or rates)
     achieved = flops_per_image * images_per_s / 1e12
     row = {
-        "device": name, "model": kind, "bf16": bf16, "batch": batch,
+        "device": name,
+        "model": kind,
+        "bf16": bf16,
+        "batch": batch,
         "input_size": list(first["pixel_values"].shape[-2:]),
-        "workers": trainer.args.dataloader_num_workers, "images_per_s": images_per_s,
-        "epoch_images_per_s": rates, "flops_per_image": flops_per_image,
-        "achieved_tflops": achieved, "peak_tflops": peak,
+        "workers": trainer.args.dataloader_num_workers,
+        "images_per_s": images_per_s,
+        "epoch_images_per_s": rates,
+        "flops_per_image": flops_per_image,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
         "fraction_of_peak": achieved / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
-    }  # fmt: skip
+    }
     share = f"{100 * achieved / peak:.1f} % of its {peak:.0f} peak" if peak else "peak not known"
     print(
         f"gpu train {kind} {'bf16' if bf16 else 'fp32'} {row['input_size']} batch {batch} on "
@@ -489,7 +564,7 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
             sizes["pipeline_rounds"],
             rates,
             work,
-        ),  # fmt: skip
+        ),
         "eval": eval_section(
             sizes["eval"], sizes["eval_photos"], sizes["eval_bccd"], sizes["eval_repeats"], work
         ),
@@ -536,9 +611,14 @@ def main(argv: list[str] | None = None) -> int:
             results.update(speed_sections(sizes, models, quick, work))
             if torch.cuda.is_available():
                 results["gpu"] = gpu_section(
-                    "r50", GPU_SIZE, GPU_BATCH, *GPU_STEPS[mode], work, bf16=True,
+                    "r50",
+                    GPU_SIZE,
+                    GPU_BATCH,
+                    *GPU_STEPS[mode],
+                    work,
+                    bf16=True,
                     peak_tflops=args.peak_tflops,
-                )  # fmt: skip
+                )
         minutes = sizes["budget"] if args.budget_minutes is None else args.budget_minutes
         if minutes > 0:
             splits = LEARNING_SMOKE_SPLITS if args.smoke else LEARNING_SPLITS

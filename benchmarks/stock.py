@@ -6,7 +6,7 @@ Rebuilt here so that it runs side by side with hf-detr-ft on the same data and m
 ``transformers.Trainer`` with one learning rate and ``dataloader_num_workers=0``; evaluation
 that gathers the raw outputs of the whole evaluation set (``eval_do_concat_batches=False``)
 and computes mAP at the end with torchmetrics' ``MeanAveragePrecision`` (pycocotools through
-:class:`hf_detr_ft.evaluation.CocoEvaluator` when torchmetrics is not installed).
+:class:`hf_detr_ft.evaluation.coco_metrics.CocoEvaluator` when torchmetrics is not installed).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import DetrImageProcessor, EvalPrediction, Trainer, TrainingArguments
 from transformers.image_transforms import center_to_corners_format
 
-from hf_detr_ft.evaluation import CocoEvaluator
+from hf_detr_ft.evaluation.coco_metrics import CocoEvaluator
 
 try:
     from torchmetrics.detection import MeanAveragePrecision
@@ -69,11 +69,19 @@ def stock_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 def stock_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
     """The example's settings: one learning rate, no workers, batches of raw outputs kept."""
     settings = dict(
-        output_dir=output_dir, learning_rate=5e-5, weight_decay=1e-4, max_grad_norm=0.01,
-        dataloader_num_workers=0, remove_unused_columns=False, eval_do_concat_batches=False,
-        report_to="none", disable_tqdm=True, save_strategy="no", eval_strategy="no",
+        output_dir=output_dir,
+        learning_rate=5e-5,
+        weight_decay=1e-4,
+        max_grad_norm=0.01,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        eval_do_concat_batches=False,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        eval_strategy="no",
         use_cpu=not torch.cuda.is_available(),
-    )  # fmt: skip
+    )
     return TrainingArguments(**{**settings, **overrides})
 
 
@@ -105,9 +113,13 @@ def stock_compute_metrics(processor: DetrImageProcessor, dataset: Dataset):
 def stock_trainer(model: Any, args: TrainingArguments, train=None, evaluation=None, **kw: Any):
     """A plain ``transformers.Trainer`` as the example builds it."""
     return Trainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-        data_collator=stock_collate, **kw,
-    )  # fmt: skip
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=stock_collate,
+        **kw,
+    )
 
 
 class _Outputs:

@@ -13,15 +13,15 @@ from PIL import Image
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig, TrainerCallback
 
 from hf_detr_ft.arguments import DetrTrainingArguments, default_num_workers
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import detection_features, load_detection_dataset
+from hf_detr_ft.data.dataset import detection_features, load_detection_dataset
+from hf_detr_ft.data.synthetic import DEMO_CLASSES, make_shapes_dataset
 from hf_detr_ft.demo import DEMO_CHECKPOINT, DEMO_SETTINGS
-from hf_detr_ft.finetune import finetune
-from hf_detr_ft.image_cache import DecodedImageCache, default_cache_mb
-from hf_detr_ft.modeling import load_image_processor, load_model
-from hf_detr_ft.synthetic import DEMO_CLASSES, make_shapes_dataset
-from hf_detr_ft.trainer import DetrTrainer
-from hf_detr_ft.transforms import DetrTransform
+from hf_detr_ft.models.loading import load_image_processor, load_model
+from hf_detr_ft.pipeline.collate import collate_fn
+from hf_detr_ft.pipeline.image_cache import DecodedImageCache, default_cache_mb
+from hf_detr_ft.pipeline.transforms import DetrTransform
+from hf_detr_ft.run import finetune
+from hf_detr_ft.training.trainer import DetrTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD = REPO.parent / "shared" / "datasets" / "bccd"
@@ -53,10 +53,15 @@ def phone_photos(root: Path, count: int) -> Dataset:
         objects = dict(example["objects"])
         objects["bbox"] = [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in objects["bbox"]]
         objects["area"] = [area * sx * sy for area in objects["area"]]
-        records.append({
-            "image": {"path": str(path), "bytes": None}, "image_id": example["image_id"],
-            "width": PHONE_SIZE[0], "height": PHONE_SIZE[1], "objects": objects,
-        })  # fmt: skip
+        records.append(
+            {
+                "image": {"path": str(path), "bytes": None},
+                "image_id": example["image_id"],
+                "width": PHONE_SIZE[0],
+                "height": PHONE_SIZE[1],
+                "objects": objects,
+            }
+        )
     names = source.features["objects"]["category"].feature.names
     return Dataset.from_list(records, features=detection_features(names))
 
@@ -64,9 +69,14 @@ def phone_photos(root: Path, count: int) -> Dataset:
 def mixed_aspect_images(root: Path, count: int, seed: int = 0) -> Dataset:
     """``count`` generated shape images cycling through :data:`MIXED_SHAPES`."""
     folder = make_shapes_dataset(
-        root / f"mixed-{count}", splits={"train": count}, image_shapes=MIXED_SHAPES,
-        min_size=24, max_size=96, max_objects=6, seed=seed,
-    )  # fmt: skip
+        root / f"mixed-{count}",
+        splits={"train": count},
+        image_shapes=MIXED_SHAPES,
+        min_size=24,
+        max_size=96,
+        max_objects=6,
+        seed=seed,
+    )
     return load_detection_dataset(folder, validation_fraction=0).splits["train"]
 
 
@@ -75,14 +85,24 @@ def model_config(kind: str, num_labels: int) -> DetrConfig:
     if kind == "r50":
         return DetrConfig(num_labels=num_labels)
     backbone = ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-        layer_type="basic", out_features=["stage4"],
-    )  # fmt: skip
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage4"],
+    )
     return DetrConfig(
-        backbone_config=backbone, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-        decoder_attention_heads=2, num_queries=10, num_labels=num_labels,
-    )  # fmt: skip
+        backbone_config=backbone,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=10,
+        num_labels=num_labels,
+    )
 
 
 def save_random_model(kind: str, class_names: list[str], folder: Path) -> Path:
@@ -121,11 +141,16 @@ def our_trainer(
     )
     train = training.apply_to(dataset)
     settings = dict(
-        output_dir=str(output_dir), report_to="none", disable_tqdm=True, save_strategy="no",
-        eval_strategy="no", load_best_model_at_end=False, logging_steps=1000,
+        output_dir=str(output_dir),
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=1000,
         use_cpu=not torch.cuda.is_available(),
         auto_mixed_precision=False,  # the stock recipe's fp32 (on a GPU too), unless args say
-    )  # fmt: skip
+    )
     settings.update(args)
     # Workers (with a GPU) kept between the benchmark's short epochs, whose time would
     # otherwise be their start; without augmentation they repeat nothing.

@@ -8,7 +8,7 @@ Every flag of transformers.TrainingArguments works too (see --help).
 """
 
 from hf_detr_ft.arguments import parse_train_args
-from hf_detr_ft.finetune import run_training
+from hf_detr_ft.run import run_training
 
 
 def main() -> None:

@@ -1,65 +1,69 @@
 """hf-detr-ft: fine-tune DETR-family object detectors on your own data.
 
-The path data takes, one module a step::
+The package follows the path data takes, one sub-package a stage::
 
-    layouts            dataset folder      -> annotation files per split
-    formats            COCO/VOC/YOLO/hf    -> COCO content per split (formats.coco_writer back)
-    coco_annotations   annotation files    -> checked annotation records + label map
-    dataset            records             -> datasets.DatasetDict
-    validation         DatasetDict         -> dataset report (counts, every problem)
-    transforms         examples            -> pixel_values + DETR targets
-    collate            examples            -> padded batch + pixel_mask
-    modeling           checkpoint          -> model with the new label map
-    model_speedups,    model               -> the same model, cheaper (folded norms, NHWC);
-      mixed_precision                         its heads in fp32 under autocast
-    trainer            batches             -> DetrTrainer (DETR optimizer, COCO evaluation)
-    evaluation         detections          -> COCO metrics (pycocotools)
-    finetune           all of the above    -> output_dir (model, processor, metrics)
-    inference, visualize, demo, cli
-    model_evaluation, predict, explain, report   (metrics, pictures, attention, plots)
+    data/        dataset folder -> checked annotation records -> datasets.DatasetDict
+    pipeline/    examples -> augmented model inputs (image processor) -> padded batches
+    models/      checkpoint -> detector with the new label map, speed-ups, mixed precision
+    training/    DetrTrainer (transformers.Trainer), pre-flight, signals, checkpoints, EMA
+    evaluation/  detections -> COCO metrics (pycocotools), per class
+    inference/   a fine-tuned detector on images: detect, predict, explain
+    artifacts/   pictures, the training report, the model card, the Hub upload
+
+and at the top: ``run`` (one fine-tuning run, the flow every entry point shares),
+``arguments`` (the dataclasses), ``cli`` (the ``hf-detr-ft`` command), ``errors`` (every
+user-facing error) and ``demo``.
+
+Importing the package is cheap: the public names below are loaded on first use, so
+``import hf_detr_ft`` and ``hf-detr-ft --help`` load neither torch, transformers nor matplotlib.
 """
 
-from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
-from .collate import collate_fn
-from .dataset import DetectionDataset, load_detection_dataset
-from .errors import DatasetError, HfDetrFtError, ModelLoadError
-from .evaluation import CocoEvaluator
-from .explain import explain
-from .finetune import FinetuneResult, finetune, run_training
-from .model_evaluation import EvaluationResult, evaluate
-from .modeling import DEFAULT_MODEL, load_image_processor, load_model
-from .predict import ImagePrediction, predict
-from .report import write_training_report
-from .synthetic import make_shapes_dataset
-from .trainer import DetrTrainer
-from .transforms import DetrTransform
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "CocoEvaluator",
-    "DataArguments",
-    "DatasetError",
-    "DetectionDataset",
-    "DetrTrainer",
-    "DetrTrainingArguments",
-    "DetrTransform",
-    "EvaluationResult",
-    "FinetuneResult",
-    "HfDetrFtError",
-    "ImagePrediction",
-    "ModelArguments",
-    "ModelLoadError",
-    "collate_fn",
-    "evaluate",
-    "explain",
-    "finetune",
-    "load_detection_dataset",
-    "load_image_processor",
-    "load_model",
-    "make_shapes_dataset",
-    "predict",
-    "run_training",
-    "write_training_report",
-]
+#: Public name -> the module that defines it.
+_PUBLIC = {
+    "DataArguments": "arguments",
+    "DetrTrainingArguments": "arguments",
+    "ModelArguments": "arguments",
+    "collate_fn": "pipeline.collate",
+    "DetrTransform": "pipeline.transforms",
+    "DetectionDataset": "data.dataset",
+    "load_detection_dataset": "data.dataset",
+    "make_shapes_dataset": "data.synthetic",
+    "DatasetError": "errors",
+    "HfDetrFtError": "errors",
+    "ModelLoadError": "errors",
+    "DEFAULT_MODEL": "models.loading",
+    "load_image_processor": "models.loading",
+    "load_model": "models.loading",
+    "DetrTrainer": "training.trainer",
+    "CocoEvaluator": "evaluation.coco_metrics",
+    "EvaluationResult": "evaluation.evaluate",
+    "evaluate": "evaluation.evaluate",
+    "ImagePrediction": "inference.predict",
+    "predict": "inference.predict",
+    "explain": "inference.explain",
+    "write_training_report": "artifacts.training_report",
+    "FinetuneResult": "run",
+    "finetune": "run",
+    "run_training": "run",
+}
+
+__all__ = sorted(_PUBLIC)
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access (PEP 562) and keep the name."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -16,8 +16,8 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ArgumentError
-from .modeling import DEFAULT_MODEL
-from .transforms import DEFAULT_MIN_SCALE
+from .models.loading import DEFAULT_MODEL
+from .pipeline.transforms import DEFAULT_MIN_SCALE
 
 
 @dataclass

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(argv: list[str]) -> int:
     from .arguments import parse_train_args
-    from .finetune import run_training
+    from .run import run_training
 
     model_args, data_args, training_args = parse_train_args(argv, prog="hf-detr-ft train")
     result = run_training(model_args, data_args, training_args)
@@ -86,7 +86,7 @@ def push(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from .hub import push_output_dir
+    from .artifacts.hub import push_output_dir
 
     url = push_output_dir(
         args.output_dir,
@@ -116,14 +116,18 @@ def inspect(argv: list[str]) -> int:
     parser.add_argument("--output_dir", default="dataset-report", help="where files go")
     args = parser.parse_args(argv)
 
-    from .dataset import load_detection_dataset
-    from .preview import CHART_FILE, save_class_chart, write_preview
-    from .validation import build_report
+    from .data.dataset import load_detection_dataset
+    from .data.dataset_report import build_report
+    from .data.preview import CHART_FILE, save_class_chart, write_preview
 
     data = load_detection_dataset(
-        args.dataset, args.num_classes, layout=args.dataset_layout,
-        dataset_format=args.dataset_format, validation_fraction=0, strict=args.strict,
-    )  # fmt: skip
+        args.dataset,
+        args.num_classes,
+        layout=args.dataset_layout,
+        dataset_format=args.dataset_format,
+        validation_fraction=0,
+        strict=args.strict,
+    )
     report = build_report(data)
     json_path, _ = report.write(args.output_dir)
     print(f"{report.table()}\n\nReport with every problem: {json_path}")
@@ -141,13 +145,16 @@ def convert(argv: list[str]) -> int:
     parser.add_argument("--to", default="coco", choices=["coco"], help="output format")
     args = parser.parse_args(argv)
 
-    from .dataset import load_detection_dataset
-    from .formats.coco_writer import write_coco_folder
+    from .data.dataset import load_detection_dataset
+    from .data.formats.coco_writer import write_coco_folder
 
     data = load_detection_dataset(
-        args.source, layout=args.dataset_layout, dataset_format=args.dataset_format,
-        validation_fraction=0, strict=args.strict,
-    )  # fmt: skip
+        args.source,
+        layout=args.dataset_layout,
+        dataset_format=args.dataset_format,
+        validation_fraction=0,
+        strict=args.strict,
+    )
     root = write_coco_folder(data, args.destination)
     sizes = ", ".join(f"{split} {len(ds)}" for split, ds in data.splits.items())
     print(f"Wrote {root} (COCO, Roboflow layout; images: {sizes}; classes {data.class_names})")
@@ -195,7 +202,7 @@ def evaluate(argv: list[str]) -> int:
 
     from accelerate import PartialState
 
-    from .model_evaluation import evaluate as evaluate_model
+    from .evaluation.evaluate import evaluate as evaluate_model
 
     output_dir = args.output_dir or (args.model if Path(args.model).is_dir() else ".")
     result = evaluate_model(
@@ -223,8 +230,8 @@ def predict(argv: list[str]) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     args = parser.parse_args(argv)
 
-    from .predict import PREDICTIONS_FILE
-    from .predict import predict as predict_images
+    from .inference.predict import PREDICTIONS_FILE
+    from .inference.predict import predict as predict_images
 
     found = predict_images(
         args.model,
@@ -251,7 +258,7 @@ def explain(argv: list[str]) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     args = parser.parse_args(argv)
 
-    from .explain import explain as explain_image
+    from .inference.explain import explain as explain_image
 
     path = explain_image(
         args.model, args.image, args.output, top_k=args.top_k, device="cpu" if args.cpu else None
@@ -269,11 +276,11 @@ def report(argv: list[str]) -> int:
     parser.add_argument("--num_samples", type=int, default=4, help="validation images to show")
     args = parser.parse_args(argv)
 
-    from .report import write_training_report
+    from .artifacts.training_report import write_training_report
 
     validation = None
     if args.dataset_dir:
-        from .dataset import load_detection_dataset
+        from .data.dataset import load_detection_dataset
 
         validation = load_detection_dataset(args.dataset_dir).splits["validation"]
     written = write_training_report(args.output_dir, validation, num_samples=args.num_samples)

@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .finetune import finetune
-from .report import SAMPLES_PLOT
-from .synthetic import DEMO_CLASSES, make_shapes_dataset
+from .artifacts.training_report import SAMPLES_PLOT
+from .data.synthetic import DEMO_CLASSES, make_shapes_dataset
+from .run import finetune
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo_detr"
 _MARKER = ".hf-detr-ft-demo"

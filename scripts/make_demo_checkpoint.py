@@ -5,7 +5,7 @@ transformers' frozen BatchNorm it does not learn classes at all (a frozen BatchN
 random-init statistics is the identity, so the backbone has no normalization; see
 ``/work/shared/notes/tiny-detr-on-cpu.md``). This script therefore pretrains a tiny DETR with
 *trainable* ``nn.BatchNorm2d`` in the backbone on synthetic shapes of classes that are disjoint
-from :data:`hf_detr_ft.synthetic.DEMO_CLASSES`, then copies the learned BatchNorm weight, bias
+from :data:`hf_detr_ft.data.synthetic.DEMO_CLASSES`, then copies the learned BatchNorm weight, bias
 and running statistics back into transformers' ``DetrFrozenBatchNorm2d`` modules, so that the
 saved checkpoint is an ordinary ``DetrForObjectDetection`` checkpoint (safetensors, fp32) plus
 its ``DetrImageProcessor``. The demo then swaps the class head for its own classes and
@@ -69,7 +69,7 @@ from transformers.models.detr.modeling_detr import (  # noqa: E402
     replace_batch_norm,
 )
 
-from hf_detr_ft.synthetic import DEMO_CLASSES, SHAPES, render_shapes_image  # noqa: E402
+from hf_detr_ft.data.synthetic import DEMO_CLASSES, SHAPES, render_shapes_image  # noqa: E402
 
 #: Shape kinds the checkpoint is pretrained on: everything the generator draws except the
 #: demo's classes, so that the demo really learns new classes.

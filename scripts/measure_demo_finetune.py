@@ -2,8 +2,8 @@
 
 Why: the offline ``hf-detr-ft demo`` must show learning a person can see within a few
 minutes on 2 CPU cores. This script runs the demo's workflow by hand so its settings can be
-chosen from measurements: it writes a :data:`~hf_detr_ft.synthetic.DEMO_CLASSES` data set with
-:func:`~hf_detr_ft.synthetic.make_shapes_dataset` (Roboflow COCO layout), loads
+chosen from measurements: it writes a :data:`~hf_detr_ft.data.synthetic.DEMO_CLASSES` data set with
+:func:`~hf_detr_ft.data.synthetic.make_shapes_dataset` (Roboflow COCO layout), loads
 ``hf_detr_ft/assets/demo_detr`` with a new class head
 (``from_pretrained(..., id2label=..., ignore_mismatched_sizes=True)``), fine-tunes it with
 frozen BatchNorm (as DETR does), and reports COCO mAP@[.5:.95] and mAP50 on the test split
@@ -63,7 +63,7 @@ from make_demo_checkpoint import (
 )
 from transformers import DetrForObjectDetection, DetrImageProcessor
 
-from hf_detr_ft.synthetic import DEMO_CLASSES, make_shapes_dataset
+from hf_detr_ft.data.synthetic import DEMO_CLASSES, make_shapes_dataset
 
 
 def load_split(split_dir: Path) -> tuple[list[Image.Image], list[list[tuple[int, list[float]]]]]:

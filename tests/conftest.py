@@ -29,12 +29,12 @@ from transformers import (  # noqa: E402
 )
 
 from hf_detr_ft.arguments import DetrTrainingArguments  # noqa: E402
-from hf_detr_ft.collate import collate_fn  # noqa: E402
-from hf_detr_ft.dataset import load_detection_dataset  # noqa: E402
-from hf_detr_ft.modeling import load_image_processor, load_model  # noqa: E402
-from hf_detr_ft.synthetic import make_shapes_dataset  # noqa: E402
-from hf_detr_ft.trainer import DetrTrainer  # noqa: E402
-from hf_detr_ft.transforms import DetrTransform  # noqa: E402
+from hf_detr_ft.data.dataset import load_detection_dataset  # noqa: E402
+from hf_detr_ft.data.synthetic import make_shapes_dataset  # noqa: E402
+from hf_detr_ft.models.loading import load_image_processor, load_model  # noqa: E402
+from hf_detr_ft.pipeline.collate import collate_fn  # noqa: E402
+from hf_detr_ft.pipeline.transforms import DetrTransform  # noqa: E402
+from hf_detr_ft.training.trainer import DetrTrainer  # noqa: E402
 
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
 TINY_IMAGE_SIZE = 64

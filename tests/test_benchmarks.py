@@ -20,9 +20,16 @@ def test_benchmark_quick_run_writes_its_json(tmp_path) -> None:
         pytest.skip(f"real data not found at {BCCD}")
     output = tmp_path / "results.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--steps", "2",
-        "--budget-minutes", "0.1", "--output", str(output),
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "benchmarks" / "run.py"),
+        "--quick",
+        "--steps",
+        "2",
+        "--budget-minutes",
+        "0.1",
+        "--output",
+        str(output),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(output.read_text())

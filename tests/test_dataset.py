@@ -10,9 +10,9 @@ import pytest
 from conftest import write_coco_json
 from PIL import Image
 
-from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.data.dataset import load_detection_dataset
+from hf_detr_ft.data.synthetic import DEMO_CLASSES
 from hf_detr_ft.errors import DatasetError
-from hf_detr_ft.synthetic import DEMO_CLASSES
 
 
 def _image(path: Path, size=(40, 30)) -> str:
@@ -31,9 +31,15 @@ def _coco_layout(root: Path, categories: list[dict], annotation_name="instances_
             images.append({"id": image_id, "file_name": name, "width": 40, "height": 30})
             cat = categories[i % len(categories)]["id"]
             annotations.append(
-                {"id": image_id * 10, "image_id": image_id, "category_id": cat,
-                 "bbox": [2, 3, 10, 8], "area": 80, "iscrowd": 0}
-            )  # fmt: skip
+                {
+                    "id": image_id * 10,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": [2, 3, 10, 8],
+                    "area": 80,
+                    "iscrowd": 0,
+                }
+            )
         write_coco_json(
             root / "annotations" / annotation_name.format(split), images, annotations, categories
         )

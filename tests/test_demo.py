@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
+from hf_detr_ft.data.synthetic import DEMO_CLASSES
 from hf_detr_ft.demo import DEMO_CHECKPOINT, _prepare, run_demo
-from hf_detr_ft.synthetic import DEMO_CLASSES
 
 
 def test_demo_checkpoint_is_shipped_small_and_complete() -> None:

@@ -13,13 +13,13 @@ from accelerate.commands.config.config_args import load_config_from_file
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_detr_ft.arguments import DetrTrainingArguments
-from hf_detr_ft.checkpoints import missing_parts
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
-from hf_detr_ft.ema import TRAINING_WEIGHTS_FILE
-from hf_detr_ft.evaluation import SUMMARY_METRICS
-from hf_detr_ft.trainer import DetrTrainer
-from hf_detr_ft.transforms import DetrTransform
+from hf_detr_ft.data.dataset import load_detection_dataset
+from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS
+from hf_detr_ft.pipeline.collate import collate_fn
+from hf_detr_ft.pipeline.transforms import DetrTransform
+from hf_detr_ft.training.checkpoints import missing_parts
+from hf_detr_ft.training.ema import TRAINING_WEIGHTS_FILE
+from hf_detr_ft.training.trainer import DetrTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = {
@@ -44,17 +44,48 @@ def test_two_processes_train_and_evaluate_each_image_once(
 ) -> None:
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-        str(REPO / "examples" / "train.py"), "--use_cpu", "true",
-        "--dataset_dir", str(shapes_dir), "--num_classes", "3",
-        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "2",  # 5 test images: the last batch is uneven
-        "--image_size", "64", "--max_image_size", "64", "--disable_tqdm", "true",
-        "--ema_decay", "0.9", "--ema_tau", "1",  # the average: evaluated and saved once
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29531",
+        str(REPO / "examples" / "train.py"),
+        "--use_cpu",
+        "true",
+        "--dataset_dir",
+        str(shapes_dir),
+        "--num_classes",
+        "3",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "2",  # 5 test images: the last batch is uneven
+        "--image_size",
+        "64",
+        "--max_image_size",
+        "64",
+        "--disable_tqdm",
+        "true",
+        "--ema_decay",
+        "0.9",
+        "--ema_tau",
+        "1",  # the average: evaluated and saved once
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -84,7 +115,7 @@ def test_two_processes_train_and_evaluate_each_image_once(
             per_device_eval_batch_size=3,
             eval_strategy="no",
             load_best_model_at_end=False,
-        ),  # fmt: skip
+        ),
         processing_class=processor,
         data_collator=collate_fn,
     ).evaluate(data.splits["test"].with_transform(DetrTransform.for_evaluation(processor)))

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import AutoModelForObjectDetection, TrainerCallback
 
 from hf_detr_ft.arguments import DetrTrainingArguments
-from hf_detr_ft.ema import TRAINING_WEIGHTS_FILE, WeightAverage
+from hf_detr_ft.artifacts.model_card import training_hyperparameters
 from hf_detr_ft.errors import ArgumentError
-from hf_detr_ft.model_card import training_hyperparameters
+from hf_detr_ft.training.ema import TRAINING_WEIGHTS_FILE, WeightAverage
 
 DECAY, TAU = 0.8, 2.0
 EMA = {"ema_decay": DECAY, "ema_tau": TAU}
@@ -85,10 +85,19 @@ def _assert_weights(model: nn.Module, expected: dict[str, torch.Tensor]) -> None
 
 def _trainer(tiny_model_dir, shapes_dir, out, **args):
     settings = dict(
-        max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3, lr_backbone=1e-3,
-        save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3,
-        load_best_model_at_end=False, logging_steps=1, train_images=8, seed=3,
-    )  # fmt: skip
+        max_steps=6,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        lr_backbone=1e-3,
+        save_strategy="steps",
+        save_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+        load_best_model_at_end=False,
+        logging_steps=1,
+        train_images=8,
+        seed=3,
+    )
     return tiny_trainer(tiny_model_dir, shapes_dir, out, **{**settings, **args})
 
 
@@ -108,8 +117,9 @@ def test_training_evaluates_checkpoints_and_ends_with_the_average(
     assert kept.keys() == recorder.steps[3].keys()
     for name, tensor in kept.items():
         assert torch.equal(tensor, recorder.steps[3][name])
-    assert not torch.allclose(kept["class_labels_classifier.weight"],
-                              averages[3]["class_labels_classifier.weight"])  # fmt: skip
+    assert not torch.allclose(
+        kept["class_labels_classifier.weight"], averages[3]["class_labels_classifier.weight"]
+    )
 
     # after training the model holds the last average, and saves it
     _assert_weights(trainer.model, averages[6])
@@ -117,8 +127,9 @@ def test_training_evaluates_checkpoints_and_ends_with_the_average(
     _assert_weights(AutoModelForObjectDetection.from_pretrained(tmp_path / "final"), averages[6])
 
     # evaluation at step 3 scored the average: the same loss as the checkpoint's model gives
-    logged = next(e["eval_loss"] for e in trainer.state.log_history if e.get("step") == 3
-                  and "eval_loss" in e)  # fmt: skip
+    logged = next(
+        e["eval_loss"] for e in trainer.state.log_history if e.get("step") == 3 and "eval_loss" in e
+    )
     again = _trainer(checkpoint, shapes_dir, tmp_path / "again").evaluate()
     assert again["eval_loss"] == pytest.approx(logged, abs=1e-5)
 
@@ -155,10 +166,15 @@ def test_the_best_checkpoint_loaded_at_the_end_is_its_average(
 ) -> None:
     recorder = RecordWeights()
     trainer = _trainer(
-        tiny_model_dir, shapes_dir, tmp_path / "run", callbacks=[recorder],
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        tiny_model_dir,
+        shapes_dir,
+        tmp_path / "run",
+        callbacks=[recorder],
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         **EMA,
-    )  # fmt: skip
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")  # not the last one
     averages = _expected_averages(recorder.steps)

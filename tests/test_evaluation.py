@@ -11,8 +11,8 @@ import torch
 from conftest import cocoeval_stats
 from datasets import Dataset
 
-from hf_detr_ft.dataset import detection_features
-from hf_detr_ft.evaluation import SUMMARY_METRICS, CocoEvaluator
+from hf_detr_ft.data.dataset import detection_features
+from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS, CocoEvaluator
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -80,17 +80,21 @@ def _pycocotools_stats(tmp_path: Path, records, predictions, cat_ids=None) -> np
             }
             for r in records
             for k, (b, c) in enumerate(zip(r["objects"]["bbox"], r["objects"]["category"]))
-        ],  # fmt: skip
+        ],
         "categories": [{"id": i, "name": n} for i, n in enumerate(CLASSES)],
     }
     path = tmp_path / "gt.json"
     path.write_text(json.dumps(gt))
     results = [
-        {"image_id": image_id, "category_id": int(label), "score": float(score),
-         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]}
+        {
+            "image_id": image_id,
+            "category_id": int(label),
+            "score": float(score),
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        }
         for image_id, p in predictions.items()
         for (x0, y0, x1, y1), label, score in zip(p["boxes"].tolist(), p["labels"], p["scores"])
-    ]  # fmt: skip
+    ]
     return cocoeval_stats(path, results, cat_ids)
 
 

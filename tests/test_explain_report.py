@@ -10,11 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_detr_ft.cli import main
-from hf_detr_ft.explain import attention_maps, explain
-from hf_detr_ft.finetune import finetune
-from hf_detr_ft.predict import load_detector
-from hf_detr_ft.report import (
+from hf_detr_ft.artifacts.training_report import (
     LOSSES_PLOT,
     MAP_PLOT,
     SAMPLES_PLOT,
@@ -22,6 +18,10 @@ from hf_detr_ft.report import (
     plot_training_curves,
     read_log_history,
 )
+from hf_detr_ft.cli import main
+from hf_detr_ft.inference.explain import attention_maps, explain
+from hf_detr_ft.inference.predict import load_detector
+from hf_detr_ft.run import finetune
 
 REPORT = (LOSSES_PLOT, MAP_PLOT, SAMPLES_PLOT)
 
@@ -29,9 +29,18 @@ REPORT = (LOSSES_PLOT, MAP_PLOT, SAMPLES_PLOT)
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, shapes_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    finetune(shapes_dir, 3, model=tiny_model_dir, output_dir=out, num_train_epochs=2,
-             image_size=64, max_image_size=64, logging_steps=1, report_to="none",
-             disable_tqdm=True)  # fmt: skip
+    finetune(
+        shapes_dir,
+        3,
+        model=tiny_model_dir,
+        output_dir=out,
+        num_train_epochs=2,
+        image_size=64,
+        max_image_size=64,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+    )
     return out
 
 
@@ -76,8 +85,16 @@ def test_curves_only_with_what_was_logged(tmp_path) -> None:
         {"epoch": 1.0, "train_loss": 2.5, "train_runtime": 1.0},
     ]
     assert plot_training_curves(history, tmp_path) == [tmp_path / LOSSES_PLOT]  # no eval: no mAP
-    history.append({"epoch": 1.0, "eval_loss": 2.1, "eval_loss_ce": 0.6, "eval_map": 0.25,
-                    "eval_map_50": 0.5, "eval_map_75": 0.2})  # fmt: skip
+    history.append(
+        {
+            "epoch": 1.0,
+            "eval_loss": 2.1,
+            "eval_loss_ce": 0.6,
+            "eval_map": 0.25,
+            "eval_map_50": 0.5,
+            "eval_map_75": 0.2,
+        }
+    )
     assert plot_training_curves(history, tmp_path) == [tmp_path / LOSSES_PLOT, tmp_path / MAP_PLOT]
 
 
@@ -101,6 +118,20 @@ def test_explain_writes_the_figure(run_dir: Path, shapes_dir, tmp_path, capsys) 
     image = next((shapes_dir / "test").glob("*.png"))
     path = explain(run_dir, image, tmp_path / "attention.png", top_k=2, device="cpu")
     _assert_png(path, (700, 700))
-    assert main(["explain", "--model", str(run_dir), str(image), "--output",
-                 str(tmp_path / "cli.png"), "--top_k", "3", "--cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                str(run_dir),
+                str(image),
+                "--output",
+                str(tmp_path / "cli.png"),
+                "--top_k",
+                "3",
+                "--cpu",
+            ]
+        )
+        == 0
+    )
     _assert_png(tmp_path / "cli.png", (1000, 700))

@@ -14,11 +14,11 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from hf_detr_ft.cli import main as cli_main
-from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.data.dataset import load_detection_dataset
+from hf_detr_ft.data.dataset_report import REPORT_JSON
+from hf_detr_ft.data.formats import detect_format
 from hf_detr_ft.errors import DatasetError
-from hf_detr_ft.finetune import finetune
-from hf_detr_ft.formats import detect_format
-from hf_detr_ft.validation import REPORT_JSON
+from hf_detr_ft.run import finetune
 
 CLASSES = ["cat", "dog"]  # sorted: VOC without labelmap.txt orders classes by name
 # split -> [(file stem, (width, height), [(class index, [x, y, w, h] pixels)])]
@@ -50,12 +50,20 @@ def write_coco(root: Path) -> Path:
         images, annotations = [], []
         for image_id, (stem, size, boxes) in enumerate(SOURCE[split]):
             _picture(root / folder / f"{stem}.png", size)
-            images.append({"id": image_id, "file_name": f"{stem}.png", "width": size[0],
-                           "height": size[1]})  # fmt: skip
+            images.append(
+                {"id": image_id, "file_name": f"{stem}.png", "width": size[0], "height": size[1]}
+            )
             for label, box in boxes:
-                annotations.append({"id": len(annotations), "image_id": image_id,
-                                    "category_id": label + 1, "bbox": box, "area": box[2] * box[3],
-                                    "iscrowd": 0})  # fmt: skip
+                annotations.append(
+                    {
+                        "id": len(annotations),
+                        "image_id": image_id,
+                        "category_id": label + 1,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                )
         write_coco_json(root / folder / "_annotations.coco.json", images, annotations, categories)
     return root
 
@@ -93,32 +101,52 @@ def write_yolo(root: Path, names: object = None) -> Path:
             label_file = root / "labels" / folder / f"{stem}.txt"
             label_file.parent.mkdir(parents=True, exist_ok=True)
             label_file.write_text("\n".join(lines))
-    config = {"path": ".", "train": "images/train", "val": "images/val",
-              "names": CLASSES if names is None else names}  # fmt: skip
+    config = {
+        "path": ".",
+        "train": "images/train",
+        "val": "images/val",
+        "names": CLASSES if names is None else names,
+    }
     (root / "data.yaml").write_text(yaml.safe_dump(config))
     return root
 
 
 def hf_splits(tmp: Path, embed: bool = False) -> DatasetDict:
     """The source as a ``DatasetDict`` in the cppe-5 schema; ``embed``: images as bytes."""
-    features = Features({
-        "image_id": Value("int64"), "image": ImageFeature(), "width": Value("int32"),
-        "height": Value("int32"),
-        "objects": {"id": List(Value("int64")), "area": List(Value("float32")),
-                    "bbox": List(List(Value("float32"), length=4)),
-                    "category": List(ClassLabel(names=CLASSES))},
-    })  # fmt: skip
+    features = Features(
+        {
+            "image_id": Value("int64"),
+            "image": ImageFeature(),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": {
+                "id": List(Value("int64")),
+                "area": List(Value("float32")),
+                "bbox": List(List(Value("float32"), length=4)),
+                "category": List(ClassLabel(names=CLASSES)),
+            },
+        }
+    )
     splits = {}
     for split, examples in SOURCE.items():
         rows = []
         for index, (stem, size, boxes) in enumerate(examples):
             picture = _picture(tmp / f"{stem}.png", size)
             image = {"bytes": picture.read_bytes(), "path": None} if embed else str(picture)
-            rows.append({
-                "image_id": index, "image": image, "width": size[0], "height": size[1],
-                "objects": {"id": list(range(len(boxes))), "area": [b[2] * b[3] for _, b in boxes],
-                            "bbox": [b for _, b in boxes], "category": [c for c, _ in boxes]},
-            })  # fmt: skip
+            rows.append(
+                {
+                    "image_id": index,
+                    "image": image,
+                    "width": size[0],
+                    "height": size[1],
+                    "objects": {
+                        "id": list(range(len(boxes))),
+                        "area": [b[2] * b[3] for _, b in boxes],
+                        "bbox": [b for _, b in boxes],
+                        "category": [c for c, _ in boxes],
+                    },
+                }
+            )
         splits[split] = Dataset.from_list(rows, features=features)
     return DatasetDict(splits)
 
@@ -142,12 +170,18 @@ def canonical(data) -> dict[str, list]:
     for split, dataset in data.splits.items():
         rows = dataset.select_columns(["width", "height", "objects"])
         result[split] = sorted(
-            (row["width"], row["height"], tuple(sorted(
-                (data.class_names[c], *(round(v, 3) for v in box))
-                for c, box in zip(row["objects"]["category"], row["objects"]["bbox"])
-            )))
+            (
+                row["width"],
+                row["height"],
+                tuple(
+                    sorted(
+                        (data.class_names[c], *(round(v, 3) for v in box))
+                        for c, box in zip(row["objects"]["category"], row["objects"]["bbox"])
+                    )
+                ),
+            )
             for row in rows
-        )  # fmt: skip
+        )
     return result
 
 
@@ -292,13 +326,17 @@ def test_bccd_voc_loads_with_published_splits_and_reports_zero_size_boxes(bccd, 
         data = load_detection_dataset(bccd, num_classes=3)
     assert (data.format, data.layout) == ("voc", "voc")
     assert sorted(data.class_names) == ["Platelets", "RBC", "WBC"]
-    assert {s: len(d) for s, d in data.splits.items()} == {"train": 205, "validation": 87,
-                                                            "test": 72}  # fmt: skip
+    assert {s: len(d) for s, d in data.splits.items()} == {
+        "train": 205,
+        "validation": 87,
+        "test": 72,
+    }
     reason = "boxes with zero, negative or NaN size dropped"
     dropped = [p for r in data.skipped.values() for p in r.problems if p.reason == reason]
     assert sorted(Path(p.file).name for p in dropped) == [
-        "BloodImage_00338.xml", "BloodImage_00343.xml"
-    ]  # fmt: skip
+        "BloodImage_00338.xml",
+        "BloodImage_00343.xml",
+    ]
     assert sum(r.counts[reason] for r in data.skipped.values()) == 2
     assert "BloodImage_00338.xml" in caplog.text and "BloodImage_00343.xml" in caplog.text
     boxes = sum(len(o["bbox"]) for d in data.splits.values() for o in d["objects"])
@@ -308,12 +346,22 @@ def test_bccd_voc_loads_with_published_splits_and_reports_zero_size_boxes(bccd, 
 def test_bccd_voc_trains_a_few_steps(bccd, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = finetune(
-        bccd, 3, model=tiny_model_dir, output_dir=out, max_steps=2,
-        per_device_train_batch_size=2, image_size=128, max_image_size=128, max_eval_samples=4,
+        bccd,
+        3,
+        model=tiny_model_dir,
+        output_dir=out,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        image_size=128,
+        max_image_size=128,
+        max_eval_samples=4,
         num_queries=40,  # BCCD images hold up to 30 boxes
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-        report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
     assert result.eval_split == "test" and result.metrics["eval_loss"] > 0
     config = json.loads((out / "config.json").read_text())
     assert sorted(config["id2label"].values()) == ["Platelets", "RBC", "WBC"]

@@ -22,20 +22,31 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from transformers import pipeline
 
+from hf_detr_ft.artifacts.hub import HubError, push_output_dir
 from hf_detr_ft.cli import main as cli_main
-from hf_detr_ft.finetune import METRICS_FILE, finetune
-from hf_detr_ft.hub import HubError, push_output_dir
+from hf_detr_ft.run import METRICS_FILE, finetune
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 QUICK = {
-    "image_size": 64, "max_image_size": 64, "report_to": "none", "disable_tqdm": True,
-    "num_train_epochs": 2, "per_device_train_batch_size": 8,
-}  # fmt: skip
+    "image_size": 64,
+    "max_image_size": 64,
+    "report_to": "none",
+    "disable_tqdm": True,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+}
 # Always uploaded; other engineers' reports (*.json, *.png) at the top level go up too.
 FINAL_FILES = {
-    "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "metrics.json",
-    "train_results.json", "all_results.json", "trainer_state.json", "example.jpg",
-}  # fmt: skip
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "metrics.json",
+    "train_results.json",
+    "all_results.json",
+    "trainer_state.json",
+    "example.jpg",
+}
 
 
 @dataclass
@@ -68,9 +79,20 @@ class FakeHub:
         self.branches.append((repo_id, branch))
 
     def upload_folder(
-        self, api, *, repo_id, folder_path, path_in_repo=None, commit_message=None, token=None,
-        revision=None, allow_patterns=None, ignore_patterns=None, run_as_future=False, **kwargs,
-    ):  # fmt: skip
+        self,
+        api,
+        *,
+        repo_id,
+        folder_path,
+        path_in_repo=None,
+        commit_message=None,
+        token=None,
+        revision=None,
+        allow_patterns=None,
+        ignore_patterns=None,
+        run_as_future=False,
+        **kwargs,
+    ):
         folder = Path(folder_path)
         relative = sorted(
             p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file()
@@ -133,10 +155,17 @@ def pushed_run(tiny_model_dir, shapes_dir, tmp_path_factory) -> tuple[Path, Fake
         patch.setenv("HF_TOKEN", TOKEN)
         hub.install(patch)
         finetune(
-            shapes_dir, 3, model=tiny_model_dir, output_dir=out, push_to_hub=True,
-            hub_model_id="someone/shapes-detr", hub_private_repo=True, hub_strategy="checkpoint",
-            hub_token=TOKEN, **QUICK,
-        )  # fmt: skip
+            shapes_dir,
+            3,
+            model=tiny_model_dir,
+            output_dir=out,
+            push_to_hub=True,
+            hub_model_id="someone/shapes-detr",
+            hub_private_repo=True,
+            hub_strategy="checkpoint",
+            hub_token=TOKEN,
+            **QUICK,
+        )
     return out, hub
 
 
@@ -177,8 +206,10 @@ def test_finetune_pushes_the_model_card_and_metrics_at_the_end(pushed_run) -> No
         if key.removeprefix("eval_") in {r.metric_type for r in card.data.eval_results}
     }
     assert json.loads(final.files["config.json"])["id2label"] == {
-        "0": "circle", "1": "square", "2": "triangle"
-    }  # fmt: skip
+        "0": "circle",
+        "1": "square",
+        "2": "triangle",
+    }
 
 
 def test_checkpoints_are_pushed_during_training_with_a_card(pushed_run) -> None:
@@ -219,8 +250,9 @@ def test_push_command_uploads_exactly_the_model_files(
 ) -> None:
     out, _ = pushed_run
     before = _digest(out)
-    code = cli_main(["push", str(out), "--repo_id", "org/blood-cells", "--private",
-                     "--revision", "v1"])  # fmt: skip
+    code = cli_main(
+        ["push", str(out), "--repo_id", "org/blood-cells", "--private", "--revision", "v1"]
+    )
     assert code == 0, capsys.readouterr().err
     assert fake_hub.repos == [{"repo_id": "org/blood-cells", "private": True, "token": None}]
     assert fake_hub.branches == [("org/blood-cells", "v1")]
@@ -291,8 +323,15 @@ def test_training_with_an_unreachable_hub_fails_before_training(
 ) -> None:
     out = tmp_path / "out"
     with pytest.raises(HubError, match="Cannot reach the Hugging Face Hub") as raised:
-        finetune(shapes_dir, 3, model=tiny_model_dir, output_dir=out, push_to_hub=True,
-                 hub_model_id="someone/x", **QUICK)  # fmt: skip
+        finetune(
+            shapes_dir,
+            3,
+            model=tiny_model_dir,
+            output_dir=out,
+            push_to_hub=True,
+            hub_model_id="someone/x",
+            **QUICK,
+        )
     assert "Nothing has been trained" in str(raised.value)
     assert "hf-detr-ft push OUTPUT_DIR --repo_id someone/x" in str(raised.value)
     assert not (out / "model.safetensors").exists()
@@ -306,8 +345,15 @@ def test_upload_failure_at_the_end_leaves_a_complete_usable_output_dir(
     monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(api, *a, **k))
     out = tmp_path / "out"
     with pytest.raises(HubError) as raised:
-        finetune(shapes_dir, 3, model=tiny_model_dir, output_dir=out, push_to_hub=True,
-                 hub_model_id="someone/x", **QUICK)  # fmt: skip
+        finetune(
+            shapes_dir,
+            3,
+            model=tiny_model_dir,
+            output_dir=out,
+            push_to_hub=True,
+            hub_model_id="someone/x",
+            **QUICK,
+        )
     message = str(raised.value)
     assert message.startswith("Cannot reach the Hugging Face Hub to push to someone/x")
     assert f"{out} is intact; push it later with `hf-detr-ft push {out} --repo_id someone/x`" in (

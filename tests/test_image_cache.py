@@ -14,12 +14,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from hf_detr_ft.arguments import DataArguments
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.errors import ArgumentError
-from hf_detr_ft.image_cache import MAX_DEFAULT_MB, DecodedImageCache, default_cache_mb, image_key
-from hf_detr_ft.modeling import load_image_processor
-from hf_detr_ft.transforms import DetrTransform
+from hf_detr_ft.models.loading import load_image_processor
+from hf_detr_ft.pipeline.collate import collate_fn
+from hf_detr_ft.pipeline.image_cache import (
+    MAX_DEFAULT_MB,
+    DecodedImageCache,
+    default_cache_mb,
+    image_key,
+)
+from hf_detr_ft.pipeline.transforms import DetrTransform
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +121,12 @@ def test_dataloader_workers_decode_without_caching(bccd_train, processor) -> Non
     """A worker's copy of the transform ends with the epoch: caching there would only cost."""
     transform = DetrTransform.for_training(processor, image_cache_mb=64)
     loader = DataLoader(
-        transform.apply_to(bccd_train), batch_size=2, num_workers=1,
-        collate_fn=_cached_in_worker(transform), multiprocessing_context="fork",
-    )  # fmt: skip
+        transform.apply_to(bccd_train),
+        batch_size=2,
+        num_workers=1,
+        collate_fn=_cached_in_worker(transform),
+        multiprocessing_context="fork",
+    )
     assert list(loader) == [0] * len(loader)
     assert len(transform.image_cache) == 0
 

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_detr_config
 from transformers import DetrForObjectDetection
 
-from hf_detr_ft.mixed_precision import keep_heads_in_fp32
+from hf_detr_ft.models.mixed_precision import keep_heads_in_fp32
 
 
 def test_heads_give_fp32_boxes_under_bf16_autocast() -> None:

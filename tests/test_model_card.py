@@ -17,15 +17,15 @@ from PIL import Image
 from transformers import TrainerState
 
 from hf_detr_ft.arguments import DetrTrainingArguments
-from hf_detr_ft.evaluation import SUMMARY_METRICS
-from hf_detr_ft.finetune import METRICS_FILE, finetune
-from hf_detr_ft.model_card import (
+from hf_detr_ft.artifacts.model_card import (
     PLACEHOLDER_REPO_ID,
     CardContext,
     ModelCardCallback,
     write_model_card,
 )
-from hf_detr_ft.synthetic import DEMO_CLASSES
+from hf_detr_ft.data.synthetic import DEMO_CLASSES
+from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS
+from hf_detr_ft.run import METRICS_FILE, finetune
 
 SPLIT_FOLDERS = {"train": "train", "validation": "valid", "test": "test"}
 
@@ -34,10 +34,18 @@ SPLIT_FOLDERS = {"train": "train", "validation": "valid", "test": "test"}
 def run_dir(tiny_model_dir, shapes_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("card-run") / "out"
     finetune(
-        shapes_dir, 3, model=tiny_model_dir, output_dir=out, num_train_epochs=2,
-        per_device_train_batch_size=8, image_size=64, max_image_size=64, learning_rate=3e-4,
-        report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+        shapes_dir,
+        3,
+        model=tiny_model_dir,
+        output_dir=out,
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        image_size=64,
+        max_image_size=64,
+        learning_rate=3e-4,
+        report_to="none",
+        disable_tqdm=True,
+    )
     return out
 
 
@@ -99,8 +107,9 @@ def test_card_body_has_classes_per_class_ap_data_and_training(run_dir, shapes_di
     # One row per epoch, without the final evaluation (on the test split).
     history = text.split("### Evaluation during training")[1].splitlines()
     assert [row.split("|")[1].strip() for row in history if re.match(r"\| \d", row)] == [
-        "1.00", "2.00"
-    ]  # fmt: skip
+        "1.00",
+        "2.00",
+    ]
 
 
 def test_usage_snippet_runs_as_written_against_the_output_dir(run_dir, tmp_path) -> None:
@@ -111,8 +120,12 @@ def test_usage_snippet_runs_as_written_against_the_output_dir(run_dir, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", snippet + "\nprint('snippet done')"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("snippet done")
     assert Image.open(run_dir / "example.jpg").format == "JPEG"
@@ -125,10 +138,12 @@ def _context(**overrides) -> CardContext:
 def test_hub_base_model_and_dataset_go_into_the_metadata(tmp_path) -> None:
     metrics = {f"eval_{key}": 0.25 for key in SUMMARY_METRICS} | {"eval_map_large": -1.0}
     write_model_card(
-        tmp_path, _context(base_model="facebook/detr-resnet-50", dataset_name="org/shapes",
-                           license="mit"),
-        metrics=metrics, final=True, repo_id="someone/shapes-detr",
-    )  # fmt: skip
+        tmp_path,
+        _context(base_model="facebook/detr-resnet-50", dataset_name="org/shapes", license="mit"),
+        metrics=metrics,
+        final=True,
+        repo_id="someone/shapes-detr",
+    )
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "facebook/detr-resnet-50"
     assert card.data.datasets == ["org/shapes"] and card.data.license == "mit"
@@ -158,8 +173,9 @@ def test_the_card_follows_each_evaluation_during_training(tmp_path) -> None:
     callback = ModelCardCallback(_context())
     state = TrainerState()
     for epoch, value in ((1, 0.125), (2, 0.375)):
-        state.log_history.append({"eval_map": value, "eval_map_50": 0.5, "epoch": epoch,
-                                  "step": 2 * epoch})  # fmt: skip
+        state.log_history.append(
+            {"eval_map": value, "eval_map_50": 0.5, "epoch": epoch, "step": 2 * epoch}
+        )
         callback.on_save(args, state, None)
         card = ModelCard.load(tmp_path / "README.md")
         results = {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results}

@@ -17,12 +17,12 @@ from pycocotools.coco import COCO
 from transformers import AutoImageProcessor
 
 from hf_detr_ft.cli import main
+from hf_detr_ft.data.synthetic import make_shapes_dataset
 from hf_detr_ft.demo import DEMO_CHECKPOINT
 from hf_detr_ft.errors import DatasetError
-from hf_detr_ft.evaluation import SUMMARY_METRICS
-from hf_detr_ft.model_evaluation import evaluate
-from hf_detr_ft.modeling import load_model
-from hf_detr_ft.synthetic import make_shapes_dataset
+from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS
+from hf_detr_ft.evaluation.evaluate import evaluate
+from hf_detr_ft.models.loading import load_model
 
 CLASSES = ["circle", "square", "triangle"]
 SOURCE_IDS = {1: 3, 2: 7, 3: 11}  # the generator's ids -> non-contiguous ones
@@ -128,13 +128,36 @@ def test_two_processes_give_the_numbers_of_one(evaluated, shapes_model_dir, odd_
     """`accelerate launch` (2 CPU processes, gloo), with an uneven last batch."""
     result, _ = evaluated
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
-        "-m", "hf_detr_ft.cli", "evaluate", "--cpu", "--batch_size", "2", "--save_predictions",
-        "--model", str(shapes_model_dir), "--dataset_dir", str(odd_ids_dir), "--split", "test",
-        "--output_dir", str(tmp_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29547",
+        "-m",
+        "hf_detr_ft.cli",
+        "evaluate",
+        "--cpu",
+        "--batch_size",
+        "2",
+        "--save_predictions",
+        "--model",
+        str(shapes_model_dir),
+        "--dataset_dir",
+        str(odd_ids_dir),
+        "--split",
+        "test",
+        "--output_dir",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]

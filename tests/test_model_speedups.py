@@ -12,14 +12,14 @@ from torch import nn
 from transformers import DetrConfig, DetrForObjectDetection
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
-from hf_detr_ft.model_speedups import (
+from hf_detr_ft.models.loading import freeze_backbone_stem
+from hf_detr_ft.models.speedups import (
     FrozenNormConv2d,
     _exact_fp32,
     apply_speedups,
     fold_frozen_batchnorm,
     inplace_resnet_activations,
 )
-from hf_detr_ft.modeling import freeze_backbone_stem
 
 
 def small_detr(backbone: str) -> DetrForObjectDetection:
@@ -28,10 +28,18 @@ def small_detr(backbone: str) -> DetrForObjectDetection:
     torch.manual_seed(0)
     if backbone == "timm":
         config = DetrConfig(
-            backbone="resnet18", use_pretrained_backbone=False, d_model=32, encoder_layers=1,
-            decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
-            encoder_attention_heads=2, decoder_attention_heads=2, num_labels=3,
-        )  # fmt: skip
+            backbone="resnet18",
+            use_pretrained_backbone=False,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_queries=10,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            num_labels=3,
+        )
     else:
         config = tiny_detr_config(num_labels=3)
     config.dropout = config.attention_dropout = config.activation_dropout = 0.0
@@ -54,10 +62,12 @@ def loss_and_gradients(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.
     model.zero_grad()
     pixels = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
     labels = [
-        {"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3],
-                                                                       [0.3, 0.6, 0.1, 0.1]])},
+        {
+            "class_labels": torch.tensor([0, 2]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.1]]),
+        },
         {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]])},
-    ]  # fmt: skip
+    ]
     loss = model(pixel_values=pixels, labels=labels).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

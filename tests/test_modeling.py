@@ -12,7 +12,7 @@ import torch
 from transformers import DetrConfig, DetrForObjectDetection
 
 from hf_detr_ft.errors import ModelLoadError
-from hf_detr_ft.modeling import DEFAULT_MODEL, load_image_processor, load_model
+from hf_detr_ft.models.loading import DEFAULT_MODEL, load_image_processor, load_model
 
 
 @pytest.fixture(scope="module")

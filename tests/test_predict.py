@@ -16,8 +16,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from transformers import DetrImageProcessor
 
 from hf_detr_ft.cli import main
-from hf_detr_ft.image_files import IMAGE_ERRORS
-from hf_detr_ft.predict import (
+from hf_detr_ft.data.image_files import IMAGE_ERRORS
+from hf_detr_ft.inference.predict import (
     InputError,
     _by_aspect_ratio,
     _read_ahead,
@@ -27,7 +27,7 @@ from hf_detr_ft.predict import (
     predict,
     read_pixels,
 )
-from hf_detr_ft.transforms import DetrTransform
+from hf_detr_ft.pipeline.transforms import DetrTransform
 
 NUM_QUERIES = 10  # of the tiny model
 
@@ -37,8 +37,14 @@ def test_a_folder_gives_one_picture_per_image_and_a_json_of_every_image(
 ) -> None:
     inputs = sorted((shapes_dir / "test").glob("*.png"))
     out = tmp_path / "out"
-    found = predict(tiny_model_dir, shapes_dir / "test", threshold=0.0, output_dir=out,
-                    batch_size=2, device="cpu")  # fmt: skip
+    found = predict(
+        tiny_model_dir,
+        shapes_dir / "test",
+        threshold=0.0,
+        output_dir=out,
+        batch_size=2,
+        device="cpu",
+    )
 
     assert [p.path for p in found] == [p.resolve() for p in inputs]
     pictures = sorted(out.glob("*.png"))
@@ -102,8 +108,17 @@ def test_bad_inputs_are_clear_errors_and_unreadable_images_are_skipped(
 
 def test_cli_predict(tiny_model_dir, shapes_dir, tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    args = ["predict", "--model", str(tiny_model_dir), str(shapes_dir / "valid"),
-            "--threshold", "0", "--output_dir", str(out), "--cpu"]  # fmt: skip
+    args = [
+        "predict",
+        "--model",
+        str(tiny_model_dir),
+        str(shapes_dir / "valid"),
+        "--threshold",
+        "0",
+        "--output_dir",
+        str(out),
+        "--cpu",
+    ]
     assert main(args) == 0
     assert f"{6 * NUM_QUERIES} objects (score >= 0.0) in 6 images" in capsys.readouterr().out
     assert len(list(out.glob("*.png"))) == 6 and (out / "predictions.json").is_file()
@@ -112,8 +127,12 @@ def test_cli_predict(tiny_model_dir, shapes_dir, tmp_path, capsys) -> None:
 def test_mixed_shapes_batched_by_shape_come_back_in_input_order(tiny_model_dir, tmp_path) -> None:
     """Batches are sorted by aspect ratio (EXIF orientation counted), results and picture
     names still follow the inputs' order."""
-    sizes = {"a/photo.jpg": (160, 40), "b/photo.jpg": (40, 120), "c/square.png": (90, 90),
-             "d/wide.jpg": (150, 60)}  # fmt: skip
+    sizes = {
+        "a/photo.jpg": (160, 40),
+        "b/photo.jpg": (40, 120),
+        "c/square.png": (90, 90),
+        "d/wide.jpg": (150, 60),
+    }
     inputs = []
     for name, size in sizes.items():
         path = tmp_path / name
@@ -137,8 +156,12 @@ def test_mixed_shapes_batched_by_shape_come_back_in_input_order(tiny_model_dir, 
     assert [p.path for p in found] == [p.resolve() for p in inputs]
     assert [(p.width, p.height) for p in found] == [*sizes.values(), (40, 160)]
     assert [p.picture.name for p in found] == [
-        "photo.jpg", "photo_1.jpg", "square.png", "wide.jpg", "turned.jpg"
-    ]  # fmt: skip
+        "photo.jpg",
+        "photo_1.jpg",
+        "square.png",
+        "wide.jpg",
+        "turned.jpg",
+    ]
     for prediction in found:
         with Image.open(prediction.picture) as picture:
             assert picture.size == (prediction.width, prediction.height)

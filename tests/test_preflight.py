@@ -10,12 +10,17 @@ from conftest import write_coco_json
 from PIL import Image
 
 from hf_detr_ft.arguments import DataArguments, DetrTrainingArguments
-from hf_detr_ft.dataset import load_detection_dataset
+from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.errors import HfDetrFtError
-from hf_detr_ft.finetune import finetune
-from hf_detr_ft.modeling import load_image_processor, load_model
-from hf_detr_ft.preflight import PREFLIGHT_REPORT, PreflightError, preflight_checks, run_preflight
-from hf_detr_ft.transforms import DetrTransform
+from hf_detr_ft.models.loading import load_image_processor, load_model
+from hf_detr_ft.pipeline.transforms import DetrTransform
+from hf_detr_ft.run import finetune
+from hf_detr_ft.training.preflight import (
+    PREFLIGHT_REPORT,
+    PreflightError,
+    preflight_checks,
+    run_preflight,
+)
 
 WIDTH, HEIGHT = 640, 480  # at image_size 64 / max_image_size 64: 64 x 48, a scale of 0.1
 CLASSES = ["a", "b", "c"]
@@ -32,10 +37,16 @@ def _write_dataset(root: Path, splits: dict[str, dict[str, list[tuple[str, list]
             Image.new("RGB", (WIDTH, HEIGHT)).save(folder / name)
             entries.append({"id": image_id, "file_name": name, "width": WIDTH, "height": HEIGHT})
             for cls, box in boxes:
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id, "bbox": box,
-                    "category_id": CLASSES.index(cls) + 1, "area": box[2] * box[3], "iscrowd": 0,
-                })  # fmt: skip
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "bbox": box,
+                        "category_id": CLASSES.index(cls) + 1,
+                        "area": box[2] * box[3],
+                        "iscrowd": 0,
+                    }
+                )
         write_coco_json(folder / "_annotations.coco.json", entries, annotations, categories)
     return root
 
@@ -49,14 +60,25 @@ def _args(tmp_path: Path, **kwargs) -> DetrTrainingArguments:
 
 
 def test_more_boxes_than_num_queries_fails_before_training(tiny_model_dir, tmp_path) -> None:
-    root = _write_dataset(tmp_path / "data", {
-        "train": {"crowded.png": _boxes(12), "calm.png": _boxes(2, "b") + _boxes(1, "c")},
-        "valid": {"val.png": _boxes(2)},
-    })  # fmt: skip
+    root = _write_dataset(
+        tmp_path / "data",
+        {
+            "train": {"crowded.png": _boxes(12), "calm.png": _boxes(2, "b") + _boxes(1, "c")},
+            "valid": {"val.png": _boxes(2)},
+        },
+    )
     out = tmp_path / "out"
     with pytest.raises(PreflightError) as raised:
-        finetune(root, 3, model=tiny_model_dir, output_dir=out, image_size=64, max_image_size=64,
-                 max_steps=1, report_to="none")  # fmt: skip
+        finetune(
+            root,
+            3,
+            model=tiny_model_dir,
+            output_dir=out,
+            image_size=64,
+            max_image_size=64,
+            max_steps=1,
+            report_to="none",
+        )
     err = str(raised.value)
     assert isinstance(raised.value, HfDetrFtError)  # the CLI prints it as one line
     assert "crowded.png" in err and "12 objects" in err and "num_queries=10" in err
@@ -71,19 +93,28 @@ def test_more_boxes_than_num_queries_fails_before_training(tiny_model_dir, tmp_p
     model = load_model(tiny_model_dir, CLASSES, num_queries=20)
     assert model.model.query_position_embeddings.weight.shape[0] == 20
     data = load_detection_dataset(root)
-    fixed = preflight_checks(data.splits, model.config, image_size=64, max_image_size=64,
-                             training_args=_args(tmp_path))  # fmt: skip
+    fixed = preflight_checks(
+        data.splits, model.config, image_size=64, max_image_size=64, training_args=_args(tmp_path)
+    )
     assert not fixed.errors and not any("num_queries" in w for w in fixed.warnings)
 
 
 def test_close_to_num_queries_warns(tiny_model_dir, tmp_path) -> None:
-    root = _write_dataset(tmp_path / "data", {
-        "train": {"busy.png": _boxes(9), "calm.png": _boxes(2, "b") + _boxes(1, "c")},
-        "valid": {"val.png": _boxes(2)},
-    })  # fmt: skip
+    root = _write_dataset(
+        tmp_path / "data",
+        {
+            "train": {"busy.png": _boxes(9), "calm.png": _boxes(2, "b") + _boxes(1, "c")},
+            "valid": {"val.png": _boxes(2)},
+        },
+    )
     config = load_model(tiny_model_dir, CLASSES).config
-    report = preflight_checks(load_detection_dataset(root).splits, config, image_size=64,
-                              max_image_size=64, training_args=_args(tmp_path))  # fmt: skip
+    report = preflight_checks(
+        load_detection_dataset(root).splits,
+        config,
+        image_size=64,
+        max_image_size=64,
+        training_args=_args(tmp_path),
+    )
     assert not report.errors
     [warning] = [w for w in report.warnings if "num_queries" in w]
     assert "busy.png" in warning and "9 objects" in warning and "num_queries=10" in warning
@@ -91,14 +122,20 @@ def test_close_to_num_queries_warns(tiny_model_dir, tmp_path) -> None:
 
 def test_report_counts_tiny_objects_and_class_imbalance(tiny_model_dir, tmp_path) -> None:
     # At image_size 64 a 640 x 480 image is scaled by 0.1: 100 px -> 10 px, 20/30 px -> 2/3 px.
-    root = _write_dataset(tmp_path / "data", {
-        "train": {
-            "big.png": _boxes(10, "a", size=100),
-            "small.png": [("a", [0, 0, 20, 50]), ("a", [100, 100, 30, 30]),
-                          ("b", [300, 300, 100, 100])],
+    root = _write_dataset(
+        tmp_path / "data",
+        {
+            "train": {
+                "big.png": _boxes(10, "a", size=100),
+                "small.png": [
+                    ("a", [0, 0, 20, 50]),
+                    ("a", [100, 100, 30, 30]),
+                    ("b", [300, 300, 100, 100]),
+                ],
+            },
+            "valid": {"val.png": [("c", [0, 0, 100, 100]), ("a", [200, 200, 30, 40])]},
         },
-        "valid": {"val.png": [("c", [0, 0, 100, 100]), ("a", [200, 200, 30, 40])]},
-    })  # fmt: skip
+    )
     splits = load_detection_dataset(root).splits
     config = load_model(tiny_model_dir, CLASSES).config
     args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4)
@@ -131,29 +168,48 @@ def test_report_counts_tiny_objects_and_class_imbalance(tiny_model_dir, tmp_path
 
 
 def test_imbalance_ratio_is_reported(tiny_model_dir, tmp_path) -> None:
-    root = _write_dataset(tmp_path / "data", {
-        "train": {"many.png": _boxes(24, "a"), "few.png": _boxes(2, "b") + _boxes(1, "c")},
-        "valid": {"val.png": _boxes(2)},
-    })  # fmt: skip
+    root = _write_dataset(
+        tmp_path / "data",
+        {
+            "train": {"many.png": _boxes(24, "a"), "few.png": _boxes(2, "b") + _boxes(1, "c")},
+            "valid": {"val.png": _boxes(2)},
+        },
+    )
     config = load_model(tiny_model_dir, CLASSES, num_queries=40).config
-    report = preflight_checks(load_detection_dataset(root).splits, config, image_size=64,
-                              max_image_size=64, training_args=_args(tmp_path))  # fmt: skip
+    report = preflight_checks(
+        load_detection_dataset(root).splits,
+        config,
+        image_size=64,
+        max_image_size=64,
+        training_args=_args(tmp_path),
+    )
     assert report.stats["class_balance"] == {
-        "smallest_class": "c", "largest_class": "a", "smallest_to_largest": round(1 / 24, 4),
-    }  # fmt: skip
+        "smallest_class": "c",
+        "largest_class": "a",
+        "smallest_to_largest": round(1 / 24, 4),
+    }
     assert any("Imbalanced classes: c has 1 training boxes, a 24" in w for w in report.warnings)
     assert "smallest/largest 0.042" in report.to_text()
 
 
 def test_batch_and_learning_rates_against_the_detr_recipe(tiny_model_dir, tmp_path) -> None:
-    root = _write_dataset(tmp_path / "data", {
-        "train": {"one.png": _boxes(2, "a") + _boxes(1, "b") + _boxes(1, "c")},
-        "valid": {"val.png": _boxes(1)},
-    })  # fmt: skip
+    root = _write_dataset(
+        tmp_path / "data",
+        {
+            "train": {"one.png": _boxes(2, "a") + _boxes(1, "b") + _boxes(1, "c")},
+            "valid": {"val.png": _boxes(1)},
+        },
+    )
     splits = load_detection_dataset(root).splits
     config = load_model(tiny_model_dir, CLASSES).config
-    args = _args(tmp_path, learning_rate=5e-3, lr_backbone=1e-2, gradient_accumulation_steps=4,
-                 per_device_train_batch_size=2, not_learning_check_after=2.0)  # fmt: skip
+    args = _args(
+        tmp_path,
+        learning_rate=5e-3,
+        lr_backbone=1e-2,
+        gradient_accumulation_steps=4,
+        per_device_train_batch_size=2,
+        not_learning_check_after=2.0,
+    )
     report = preflight_checks(splits, config, image_size=64, max_image_size=64, training_args=args)
     assert report.stats["batch"]["effective"] == 8
     assert any("learning_rate 0.005 is high" in w for w in report.warnings)

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForObjectDetection, Trainer
 
 from hf_detr_ft import finetune
-from hf_detr_ft.checkpoints import last_complete_checkpoint, missing_parts
 from hf_detr_ft.errors import INTERRUPTED_EXIT_CODE
+from hf_detr_ft.training.checkpoints import last_complete_checkpoint, missing_parts
 
 SECRET = "hf_SECRETtokenThatMustNeverBeSaved"
 LAST_SAVED = "checkpoint-16"  # the newest checkpoint: saved every 3 steps and at the end
@@ -31,16 +31,49 @@ LAST_SAVED = "checkpoint-16"  # the newest checkpoint: saved every 3 steps and a
 
 def _command(shapes_dir: Path, model_dir: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "hf_detr_ft.cli", "train",
-        "--dataset_dir", str(shapes_dir), "--num_classes", "3",
-        "--model_name_or_path", str(model_dir), "--output_dir", str(out),
-        "--num_train_epochs", "2", "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "3", "--image_size", "64", "--max_image_size", "64",
-        "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "2",
-        "--eval_strategy", "steps", "--eval_steps", "3", "--logging_steps", "1",
-        "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--report_to", "none",
-        "--hub_token", SECRET,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "hf_detr_ft.cli",
+        "train",
+        "--dataset_dir",
+        str(shapes_dir),
+        "--num_classes",
+        "3",
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "3",
+        "--image_size",
+        "64",
+        "--max_image_size",
+        "64",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--save_total_limit",
+        "2",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--hub_token",
+        SECRET,
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -154,10 +187,19 @@ def test_a_failed_save_leaves_the_previous_checkpoint_and_resume_uses_it(
 ) -> None:
     out = tmp_path / "failed-save"
     options = dict(
-        model=tiny_model_dir, output_dir=out, num_train_epochs=1, per_device_train_batch_size=2,
-        image_size=64, max_image_size=64, save_strategy="steps", save_steps=2,
-        eval_strategy="no", load_best_model_at_end=False, report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+        model=tiny_model_dir,
+        output_dir=out,
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        image_size=64,
+        max_image_size=64,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
     save = Trainer._save_optimizer_and_scheduler
 
     def disk_full_at_step_4(trainer: Trainer, output_dir: str) -> None:

@@ -8,13 +8,13 @@ from accelerate.data_loader import BatchSamplerShard
 from conftest import tiny_trainer
 from torch.utils.data import BatchSampler
 
-from hf_detr_ft.sampler import (
+from hf_detr_ft.data.synthetic import make_shapes_dataset
+from hf_detr_ft.pipeline.sampler import (
     AspectRatioGroupedSampler,
     AspectRatioSortedSampler,
     aspect_ratio_groups,
 )
-from hf_detr_ft.synthetic import make_shapes_dataset
-from hf_detr_ft.trainer import DetrTrainer
+from hf_detr_ft.training.trainer import DetrTrainer
 
 # 23 images: portraits, landscapes, panoramas and squares, shuffled together.
 SHAPES = [(480, 640)] * 7 + [(640, 480)] * 6 + [(1200, 300)] * 5 + [(500, 500)] * 5
@@ -81,14 +81,26 @@ MIXED_SHAPES = [(48, 96), (96, 64), (128, 32)]  # portrait, landscape, panorama
 
 def _mixed_trainer(tiny_model_dir, tmp_path, **args) -> DetrTrainer:
     data_dir = make_shapes_dataset(
-        tmp_path / "mixed", splits={"train": 12, "valid": 3}, image_shapes=MIXED_SHAPES,
-        min_size=8, max_size=24, seed=2,
-    )  # fmt: skip
+        tmp_path / "mixed",
+        splits={"train": 12, "valid": 3},
+        image_shapes=MIXED_SHAPES,
+        min_size=8,
+        max_size=24,
+        seed=2,
+    )
     return tiny_trainer(
-        tiny_model_dir, data_dir, tmp_path / "out", max_image_size=96, eval_split="train",
-        per_device_train_batch_size=2, eval_strategy="no", save_strategy="no",
-        load_best_model_at_end=False, logging_steps=1, **args,
-    )  # fmt: skip
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "out",
+        max_image_size=96,
+        eval_split="train",
+        per_device_train_batch_size=2,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=1,
+        **args,
+    )
 
 
 def _padded_fraction(batches) -> float:

@@ -22,11 +22,11 @@ from transformers import (
 
 from hf_detr_ft.arguments import DetrTrainingArguments, mixed_precision_for, parse_train_args
 from hf_detr_ft.cli import main as cli_main
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.evaluation import SUMMARY_METRICS
-from hf_detr_ft.finetune import METRICS_FILE, finetune
-from hf_detr_ft.synthetic import DEMO_CLASSES
-from hf_detr_ft.trainer import DetrTrainer, is_backbone_parameter
+from hf_detr_ft.data.synthetic import DEMO_CLASSES
+from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS
+from hf_detr_ft.pipeline.collate import collate_fn
+from hf_detr_ft.run import METRICS_FILE, finetune
+from hf_detr_ft.training.trainer import DetrTrainer, is_backbone_parameter
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"image_size": 64, "max_image_size": 64, "report_to": "none", "disable_tqdm": True}
@@ -39,10 +39,19 @@ def _trainer(tiny_model_dir: Path, shapes_dir: Path, tmp_path: Path, **args) -> 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_a_few_trainer_steps_reduce_the_loss(bf16, tiny_model_dir, shapes_dir, tmp_path) -> None:
     trainer = _trainer(
-        tiny_model_dir, shapes_dir, tmp_path, use_cpu=True, bf16=bf16,
-        max_steps=40, learning_rate=3e-3, lr_backbone=3e-4, per_device_train_batch_size=4,
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-    )  # fmt: skip
+        tiny_model_dir,
+        shapes_dir,
+        tmp_path,
+        use_cpu=True,
+        bf16=bf16,
+        max_steps=40,
+        learning_rate=3e-3,
+        lr_backbone=3e-4,
+        per_device_train_batch_size=4,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
     batch = collate_fn([trainer.train_dataset[i] for i in range(4)])
     encoder_dtypes, output_dtypes = set(), set()
     hooks = [
@@ -110,10 +119,18 @@ def test_torch_compile_trains_the_sped_up_model(tiny_model_dir, shapes_dir, tmp_
     capture that every backend starts from, without a C++ compilation in the test)."""
     torch._dynamo.reset()
     trainer = _trainer(
-        tiny_model_dir, shapes_dir, tmp_path, use_cpu=True, max_steps=3, logging_steps=1,
-        torch_compile=True, torch_compile_backend="aot_eager", eval_strategy="no",
-        save_strategy="no", load_best_model_at_end=False,
-    )  # fmt: skip
+        tiny_model_dir,
+        shapes_dir,
+        tmp_path,
+        use_cpu=True,
+        max_steps=3,
+        logging_steps=1,
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
@@ -167,9 +184,15 @@ def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, 
     out = tmp_path / "out"
     epochs = EpochCounter()
     result = finetune(
-        shapes_dir, 3, model=tiny_model_dir, output_dir=out, num_train_epochs=2,
-        per_device_train_batch_size=8, callbacks=[epochs], **QUICK,
-    )  # fmt: skip
+        shapes_dir,
+        3,
+        model=tiny_model_dir,
+        output_dir=out,
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        callbacks=[epochs],
+        **QUICK,
+    )
     assert epochs.ended == 2  # the user's callback ran in the Trainer
     # Each training image decoded once: all of them cached in the first epoch (the default).
     assert epochs.cached[0] == epochs.cached[1] and epochs.cached[0][0] == epochs.cached[0][1]
@@ -199,11 +222,22 @@ def test_finetune_saves_a_model_that_pipeline_loads(tiny_model_dir, shapes_dir, 
 def test_real_bccd_photos_train_evaluate_and_load(tiny_model_dir, bccd_coco_dir, tmp_path) -> None:
     out = tmp_path / "bccd-model"
     result = finetune(
-        bccd_coco_dir, 3, model=tiny_model_dir, output_dir=out, max_steps=3, num_queries=40,
-        per_device_train_batch_size=2, image_size=128, max_image_size=160,
-        eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=3,
-        report_to="none", disable_tqdm=True,
-    )  # fmt: skip
+        bccd_coco_dir,
+        3,
+        model=tiny_model_dir,
+        output_dir=out,
+        max_steps=3,
+        num_queries=40,
+        per_device_train_batch_size=2,
+        image_size=128,
+        max_image_size=160,
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=3,
+        save_steps=3,
+        report_to="none",
+        disable_tqdm=True,
+    )
     assert result.eval_split == "validation"
     assert 0 <= result.metrics["eval_map"] <= 1 and result.metrics["eval_loss"] > 0
     detector = pipeline("object-detection", model=str(out), threshold=0.0)
@@ -215,12 +249,27 @@ def test_real_bccd_photos_train_evaluate_and_load(tiny_model_dir, bccd_coco_dir,
 def test_examples_train_script_runs(tiny_model_dir, shapes_dir, tmp_path) -> None:
     out = tmp_path / "script-out"
     command = [
-        sys.executable, str(REPO / "examples" / "train.py"),
-        "--dataset_dir", str(shapes_dir), "--num_classes", "3",
-        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-        "--image_size", "64", "--max_image_size", "64", "--disable_tqdm", "true",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "examples" / "train.py"),
+        "--dataset_dir",
+        str(shapes_dir),
+        "--num_classes",
+        "3",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--image_size",
+        "64",
+        "--max_image_size",
+        "64",
+        "--disable_tqdm",
+        "true",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Model saved to" in done.stdout
@@ -229,13 +278,34 @@ def test_examples_train_script_runs(tiny_model_dir, shapes_dir, tmp_path) -> Non
 
 def test_the_transformers_example_flags_parse() -> None:
     # run_object_detection.py's flags that mean the same here (its README's command)
-    model, data, training = parse_train_args([
-        "--model_name_or_path", "detr", "--dataset_name", "data/cppe-5", "--output_dir", "out",
-        "--do_train", "true", "--do_eval", "true", "--image_square_size", "600",
-        "--remove_unused_columns", "false", "--eval_do_concat_batches", "false",
-        "--ignore_mismatched_sizes", "true", "--train_val_split", "0.15",
-        "--model_revision", "v2", "--learning_rate", "5e-5",
-    ])  # fmt: skip
+    model, data, training = parse_train_args(
+        [
+            "--model_name_or_path",
+            "detr",
+            "--dataset_name",
+            "data/cppe-5",
+            "--output_dir",
+            "out",
+            "--do_train",
+            "true",
+            "--do_eval",
+            "true",
+            "--image_square_size",
+            "600",
+            "--remove_unused_columns",
+            "false",
+            "--eval_do_concat_batches",
+            "false",
+            "--ignore_mismatched_sizes",
+            "true",
+            "--train_val_split",
+            "0.15",
+            "--model_revision",
+            "v2",
+            "--learning_rate",
+            "5e-5",
+        ]
+    )
     assert data.dataset_dir == "data/cppe-5" and data.max_image_size == 600
     assert data.validation_fraction == 0.15
     assert model.ignore_mismatched_sizes and model.revision == "v2"
@@ -246,18 +316,36 @@ def test_the_transformers_example_flags_parse() -> None:
 def test_cli_reports_user_mistakes_without_traceback(
     tiny_model_dir, shapes_dir, tmp_path, capsys
 ) -> None:
-    code = cli_main([
-        "train", "--dataset_dir", str(shapes_dir), "--num_classes", "5",
-        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path),
-    ])  # fmt: skip
+    code = cli_main(
+        [
+            "train",
+            "--dataset_dir",
+            str(shapes_dir),
+            "--num_classes",
+            "5",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "num_classes=5" in err and "3 classes" in err and "Traceback" not in err
 
-    code = cli_main([
-        "train", "--dataset_dir", str(shapes_dir), "--model_name_or_path", str(tiny_model_dir),
-        "--output_dir", str(tmp_path), "--ema_decay", "1.5",
-    ])  # fmt: skip
+    code = cli_main(
+        [
+            "train",
+            "--dataset_dir",
+            str(shapes_dir),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--ema_decay",
+            "1.5",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "ema_decay must be" in err and "Traceback" not in err

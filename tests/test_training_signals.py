@@ -20,9 +20,9 @@ from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 
 from hf_detr_ft.arguments import DetrTrainingArguments
-from hf_detr_ft.callbacks import TrainingDivergedError, TrainingSignalsCallback
-from hf_detr_ft.finetune import finetune
-from hf_detr_ft.trainer import (
+from hf_detr_ft.run import finetune
+from hf_detr_ft.training.signals import TrainingDivergedError, TrainingSignalsCallback
+from hf_detr_ft.training.trainer import (
     DetrTrainer,
     add_training_signals,
     count_class_errors,
@@ -93,14 +93,22 @@ def test_images_without_objects_have_no_class_error() -> None:
 
 def _trainer(tiny_model_dir: Path, shapes_dir: Path, out: Path, **args) -> DetrTrainer:
     return tiny_trainer(
-        tiny_model_dir, shapes_dir, out, train_images=8, callbacks=[TrainingSignalsCallback()],
-        eval_strategy="no", load_best_model_at_end=False, per_device_train_batch_size=2, **args,
-    )  # fmt: skip
+        tiny_model_dir,
+        shapes_dir,
+        out,
+        train_images=8,
+        callbacks=[TrainingSignalsCallback()],
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        per_device_train_batch_size=2,
+        **args,
+    )
 
 
 def test_training_and_evaluation_log_detr_signals(tiny_model_dir, shapes_dir, tmp_path) -> None:
-    trainer = _trainer(tiny_model_dir, shapes_dir, tmp_path, max_steps=2, logging_steps=1,
-                       save_strategy="no")  # fmt: skip
+    trainer = _trainer(
+        tiny_model_dir, shapes_dir, tmp_path, max_steps=2, logging_steps=1, save_strategy="no"
+    )
     trainer.train()
     train_logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(train_logs) == 2
@@ -116,8 +124,16 @@ def test_training_and_evaluation_log_detr_signals(tiny_model_dir, shapes_dir, tm
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tiny_model_dir, shapes_dir, tmp_path
 ) -> None:
-    trainer = _trainer(tiny_model_dir, shapes_dir, tmp_path, max_steps=10, logging_steps=1,
-                       save_strategy="steps", save_steps=2, save_total_limit=5)  # fmt: skip
+    trainer = _trainer(
+        tiny_model_dir,
+        shapes_dir,
+        tmp_path,
+        max_steps=10,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=5,
+    )
     forward_passes = []
 
     def nan_loss_at_step_4(module, inputs, outputs):  # a real model, its loss made NaN once
@@ -171,8 +187,16 @@ def test_nan_weights_never_reach_a_checkpoint(
 ) -> None:
     # Step 4 saves a checkpoint: the weights are checked before it is written. After step 3
     # (nothing saved), step 4's forward pass meets them in its predictions.
-    trainer = _trainer(tiny_model_dir, shapes_dir, tmp_path, max_steps=10, logging_steps=1,
-                       save_strategy="steps", save_steps=2, save_total_limit=5)  # fmt: skip
+    trainer = _trainer(
+        tiny_model_dir,
+        shapes_dir,
+        tmp_path,
+        max_steps=10,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=5,
+    )
     trainer.add_callback(_NanWeightsAfterStep(nan_after))
     with pytest.raises(TrainingDivergedError) as err:
         trainer.train()
@@ -206,11 +230,21 @@ def test_a_run_forced_to_diverge_stops_with_a_clear_error(tiny_model_dir, shapes
     out = tmp_path / "out"
     with pytest.raises(TrainingDivergedError, match="Training diverged") as err:
         finetune(
-            shapes_dir, 3, model=tiny_model_dir, output_dir=out, learning_rate=1e25,
-            lr_backbone=1e25, max_steps=5, image_size=64, max_image_size=64, report_to="none",
-            disable_tqdm=True, eval_strategy="no", save_strategy="no",
+            shapes_dir,
+            3,
+            model=tiny_model_dir,
+            output_dir=out,
+            learning_rate=1e25,
+            lr_backbone=1e25,
+            max_steps=5,
+            image_size=64,
+            max_image_size=64,
+            report_to="none",
+            disable_tqdm=True,
+            eval_strategy="no",
+            save_strategy="no",
             load_best_model_at_end=False,
-        )  # fmt: skip
+        )
     assert "at step 2 of 5" in str(err.value) and "learning_rate 1e+25" in str(err.value)
     assert "No checkpoint had been saved yet" in str(err.value)
     assert not (out / "model.safetensors").exists()

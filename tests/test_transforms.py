@@ -19,10 +19,10 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import DetrForObjectDetection, DetrImageProcessor, DetrImageProcessorPil
 
-from hf_detr_ft.collate import collate_fn
-from hf_detr_ft.dataset import detection_features, load_detection_dataset
-from hf_detr_ft.image_files import IMAGE_ERRORS, decode_for_resize
-from hf_detr_ft.transforms import DetrTransform, train_augmentation, train_scales
+from hf_detr_ft.data.dataset import detection_features, load_detection_dataset
+from hf_detr_ft.data.image_files import IMAGE_ERRORS, decode_for_resize
+from hf_detr_ft.pipeline.collate import collate_fn
+from hf_detr_ft.pipeline.transforms import DetrTransform, train_augmentation, train_scales
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +160,9 @@ def test_collate_pads_to_largest_image_not_a_square() -> None:
 def test_the_uint8_mask_gives_the_outputs_of_the_processors_int64_mask() -> None:
     torch.manual_seed(0)
     model = DetrForObjectDetection(tiny_detr_config()).eval()
-    batch = collate_fn([
-        {"pixel_values": torch.randn(3, 64, 40)}, {"pixel_values": torch.randn(3, 32, 64)}
-    ])  # fmt: skip
+    batch = collate_fn(
+        [{"pixel_values": torch.randn(3, 64, 40)}, {"pixel_values": torch.randn(3, 32, 64)}]
+    )
     with torch.no_grad():
         ours = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         int64 = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"].long())
@@ -197,10 +197,17 @@ def _big_photo_dataset(orientation: int):
     width, height = (1200, 1600) if orientation in (5, 6, 7, 8) else (1600, 1200)
     record = {
         "image": {"bytes": buffer.getvalue(), "path": None},
-        "image_id": 3, "width": width, "height": height,
-        "objects": {"id": [1], "bbox": [[100.0, 240.0, 600.0, 400.0]], "category": [0],
-                    "area": [240000.0], "iscrowd": [False]},
-    }  # fmt: skip
+        "image_id": 3,
+        "width": width,
+        "height": height,
+        "objects": {
+            "id": [1],
+            "bbox": [[100.0, 240.0, 600.0, 400.0]],
+            "category": [0],
+            "area": [240000.0],
+            "iscrowd": [False],
+        },
+    }
     return Dataset.from_list([record], features=detection_features(["cell"]))
 
 
@@ -222,16 +229,18 @@ def test_large_jpeg_is_decoded_reduced_with_the_same_result(processor, orientati
     assert ours["pixel_values"].shape == reference["pixel_values"].shape
     assert (ours["pixel_values"] - reference["pixel_values"]).abs().mean() < 0.05
     for key in ("boxes", "class_labels", "orig_size", "size"):
-        assert torch.allclose(ours["labels"][key].double(), reference["labels"][key].double(),
-                              atol=1e-5), key  # fmt: skip
+        assert torch.allclose(
+            ours["labels"][key].double(), reference["labels"][key].double(), atol=1e-5
+        ), key
     assert ours["labels"]["orig_size"].tolist() == [full_height, full_width]
     assert ours["labels"]["area"].item() == pytest.approx(reference["labels"]["area"].item())
 
 
 def test_training_decodes_for_the_largest_scale_and_keeps_boxes_inside(processor) -> None:
     dataset = _big_photo_dataset(1)
-    transform = DetrTransform.for_training(DetrImageProcessor(
-        size={"shortest_edge": 400, "longest_edge": 700}), seed=1)  # fmt: skip
+    transform = DetrTransform.for_training(
+        DetrImageProcessor(size={"shortest_edge": 400, "longest_edge": 700}), seed=1
+    )
     assert transform.resized_size((1600, 1200)) == (533, 400)  # scale 1/3, so draft 1/2
     for epoch in range(4):
         transform.set_epoch(epoch)

@@ -12,16 +12,16 @@ from conftest import write_coco_json
 from PIL import Image
 
 from hf_detr_ft.cli import main as cli_main
-from hf_detr_ft.dataset import load_detection_dataset
-from hf_detr_ft.errors import DatasetError
-from hf_detr_ft.image_files import (
+from hf_detr_ft.data.dataset import load_detection_dataset
+from hf_detr_ft.data.dataset_report import DATASET_WIDE, REPORT_JSON, REPORT_TEXT, build_report
+from hf_detr_ft.data.image_files import (
     EXIF_ORIENTATION,
     IMAGE_ERRORS,
     _inspect_path,
     inspect_all,
     inspect_image,
 )
-from hf_detr_ft.validation import DATASET_WIDE, REPORT_JSON, REPORT_TEXT, build_report
+from hf_detr_ft.errors import DatasetError
 
 CATEGORIES = [{"id": 1, "name": "thing"}, {"id": 2, "name": "other"}]
 
@@ -37,8 +37,9 @@ def _rgb(path: Path, size=(40, 30)) -> str:
 
 
 def _folder(root: Path, images: list[dict], annotations: list[dict], split="train", cats=None):
-    write_coco_json(root / split / "_annotations.coco.json", images, annotations,
-                    cats or CATEGORIES)  # fmt: skip
+    write_coco_json(
+        root / split / "_annotations.coco.json", images, annotations, cats or CATEGORIES
+    )
     return root
 
 
@@ -79,8 +80,10 @@ def test_unreadable_and_truncated_images_are_dropped_and_counted(tmp_path: Path)
     (tmp_path / "train" / "truncated.jpg").write_bytes(
         buffer.getvalue()[: len(buffer.getvalue()) // 2]
     )
-    images = [{"id": i, "file_name": n, "width": 64, "height": 64}
-              for i, n in enumerate(["ok.jpg", "garbage.jpg", "truncated.jpg"])]  # fmt: skip
+    images = [
+        {"id": i, "file_name": n, "width": 64, "height": 64}
+        for i, n in enumerate(["ok.jpg", "garbage.jpg", "truncated.jpg"])
+    ]
     data = _load(_folder(tmp_path, images, []))
     problems = _problems(data, "unreadable images dropped")
     assert sorted(p.record for p in problems) == [
@@ -181,8 +184,10 @@ def test_duplicate_image_ids_are_an_error_and_duplicate_files_are_merged(tmp_pat
     ):
         _load(tmp_path)
     images = [{"id": 1, "file_name": a}, {"id": 2, "file_name": a}]
-    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
-                   {"id": 2, "image_id": 2, "category_id": 2, "bbox": [9, 9, 5, 5]}]  # fmt: skip
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 2, "image_id": 2, "category_id": 2, "bbox": [9, 9, 5, 5]},
+    ]
     data = _load(_folder(tmp_path, images, annotations))
     [problem] = _problems(data, "image files listed twice merged")
     assert problem.record == "image 2 (a.jpg)" and "same file as image 1" in problem.detail
@@ -318,8 +323,12 @@ def test_report_table_files_and_inspect_preview(tmp_path: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "images without boxes" in printed and "boxes with zero, negative or NaN" in printed
     report = json.loads((out / REPORT_JSON).read_text())
-    assert report["splits"]["train"] == {"images": 1, "boxes": 1, "images_without_boxes": 0,
-                                         "boxes_per_class": {"thing": 1, "other": 0}}  # fmt: skip
+    assert report["splits"]["train"] == {
+        "images": 1,
+        "boxes": 1,
+        "images_without_boxes": 0,
+        "boxes_per_class": {"thing": 1, "other": 0},
+    }
     [dropped] = report["problems"]["train"]
     assert dropped["kind"] == "dropped" and dropped["record"].startswith("annotation 1")
     assert (out / REPORT_TEXT).read_text().startswith("Dataset ")

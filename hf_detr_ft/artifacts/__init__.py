@@ -1,0 +1,7 @@
+"""Stage 7, artifacts: what a run leaves behind and publishes.
+
+pictures          boxes drawn on images, figures saved without a GUI backend
+training_report   loss and mAP plots, sample predictions from the saved model
+model_card        the model card (README.md) with COCO metrics the Hub displays
+hub               upload of an output directory to the Hugging Face Hub
+"""

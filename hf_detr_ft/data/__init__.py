@@ -1,0 +1,15 @@
+"""Stage 1, the data: a dataset folder (or Hub dataset) -> checked records -> ``datasets``.
+
+Modules, in the order data passes through them:
+
+    splits         the split names and every alias folders and files use for them
+    layouts        COCO folder layouts -> annotation file and image folder per split
+    formats/       COCO, Pascal VOC, YOLO, Hugging Face datasets -> COCO content per split
+                   (``formats.coco_writer`` writes any of them back as COCO)
+    image_files    image files checked and decoded the way training reads them
+    records        COCO content -> checked annotation records + label map + problems
+    dataset        records -> ``DetectionDataset`` (a ``datasets.DatasetDict`` per split)
+    dataset_report counts and every problem, as a table and files (``hf-detr-ft inspect``)
+    preview        ground-truth pictures and a class chart of a dataset
+    synthetic      seeded shape images in Roboflow layout (the demo and the tests)
+"""

@@ -1,0 +1,166 @@
+"""The dataset report: what each split holds and every problem found, as a table and files.
+
+``build_report`` counts, per split, images, boxes, boxes per class and images without boxes,
+gathers every problem the loader repaired or dropped (with the file and record it came from)
+and adds the checks that need all splits at once: classes seen in validation or test but
+never in training, classes without any box, image files used by more than one split.
+``finetune`` writes it to the output directory before the model is loaded;
+``hf-detr-ft inspect`` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Image as ImageFeature
+
+from .dataset import DetectionDataset
+from .records import WARNING, Problem
+
+REPORT_JSON = "dataset_report.json"
+REPORT_TEXT = "dataset_report.txt"
+DATASET_WIDE = "all splits"
+
+
+@dataclass
+class SplitStats:
+    images: int
+    boxes: int
+    images_without_boxes: int
+    boxes_per_class: dict[str, int]
+
+
+@dataclass
+class DatasetReport:
+    """Counts per split and every problem, by split (``DATASET_WIDE`` for cross-split ones)."""
+
+    source: str
+    format: str
+    layout: str
+    class_names: list[str]
+    splits: dict[str, SplitStats]
+    problems: dict[str, list[Problem]] = field(default_factory=dict)
+
+    def problem_counts(self) -> dict[str, Counter]:
+        return {
+            split: Counter((p.kind, p.reason) for p in problems)
+            for split, problems in self.problems.items()
+        }
+
+    def table(self) -> str:
+        """The numbers as a plain-text table, then one line per kind of problem."""
+        names = list(self.splits)
+        rows = [("", *names)]
+        for label, key in (
+            ("images", "images"),
+            ("boxes", "boxes"),
+            ("images without boxes", "images_without_boxes"),
+        ):
+            rows.append((label, *(str(getattr(self.splits[n], key)) for n in names)))
+        for name in self.class_names:
+            rows.append((f"  {name}", *(str(self.splits[n].boxes_per_class[name]) for n in names)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"Dataset {self.source} ({self.format}, {len(self.class_names)} classes)"]
+        for row in rows:
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+        counts = self.problem_counts()
+        if any(counts.values()):
+            lines.append("Problems (kind, count, what; every one is listed in the JSON report):")
+        for split, counter in counts.items():
+            for (kind, reason), count in counter.items():
+                lines.append(f"  {split:<10} {kind:<8} {count:>6}  {reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "layout": self.layout,
+            "class_names": self.class_names,
+            "splits": {name: dataclasses.asdict(stats) for name, stats in self.splits.items()},
+            "problem_counts": {
+                split: {f"{kind}: {reason}": n for (kind, reason), n in counter.items()}
+                for split, counter in self.problem_counts().items()
+            },
+            "problems": {
+                split: [dataclasses.asdict(p) for p in problems]
+                for split, problems in self.problems.items()
+            },
+        }
+
+    def write(self, output_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``dataset_report.json`` (everything) and ``dataset_report.txt`` (the table)."""
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        json_path, text_path = folder / REPORT_JSON, folder / REPORT_TEXT
+        json_path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        text_path.write_text(self.table() + "\n")
+        return json_path, text_path
+
+
+def build_report(data: DetectionDataset) -> DatasetReport:
+    """Count every split of ``data`` and collect its problems (see the module docstring)."""
+    names = data.class_names
+    splits, files = {}, {}
+    for split, dataset in data.splits.items():
+        per_class, without, boxes = Counter(), 0, 0
+        for objects in dataset.select_columns(["objects"])["objects"]:
+            per_class.update(objects["category"])
+            boxes += len(objects["category"])
+            without += not objects["category"]
+        splits[split] = SplitStats(
+            len(dataset), boxes, without, {n: per_class[i] for i, n in enumerate(names)}
+        )
+        images = dataset.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
+        files[split] = {row["image"]["path"] for row in images if row["image"]["path"]}
+
+    report = DatasetReport(str(data.root), data.format, data.layout, names, splits)
+    report.problems = {split: list(r.problems) for split, r in data.skipped.items()}
+    report.problems[DATASET_WIDE] = _cross_split_problems(data, splits, files)
+    return report
+
+
+def _cross_split_problems(
+    data: DetectionDataset, splits: dict[str, SplitStats], files: dict[str, set[str]]
+) -> list[Problem]:
+    source, problems = str(data.root), []
+    train = splits.get("train")
+    for name in data.class_names:
+        seen = {split: stats.boxes_per_class[name] for split, stats in splits.items()}
+        if not any(seen.values()):
+            problems.append(
+                Problem(
+                    WARNING,
+                    "classes without any box",
+                    source,
+                    f"class {name!r}",
+                    "no box in any split",
+                )
+            )
+        elif train is not None and not seen["train"]:
+            where = ", ".join(f"{n} in {s}" for s, n in seen.items() if n)
+            problems.append(
+                Problem(
+                    WARNING,
+                    "classes never seen in training",
+                    source,
+                    f"class {name!r}",
+                    f"0 boxes in train, {where}",
+                )
+            )
+    split_names = list(files)
+    for i, first in enumerate(split_names):
+        for second in split_names[i + 1 :]:
+            for path in sorted(files[first] & files[second]):
+                problems.append(
+                    Problem(
+                        WARNING, "images in more than one split", path, f"in {first} and {second}"
+                    )
+                )
+    return problems

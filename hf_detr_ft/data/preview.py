@@ -1,0 +1,57 @@
+"""Pictures of a dataset before training: ground-truth boxes drawn, and boxes per class.
+
+``hf-detr-ft inspect DATASET --preview N`` writes N images, spread over the splits, with their
+boxes and class names (drawn by :func:`visualize.draw_boxes`), and a bar chart of the boxes
+per class and split, so mislabelled classes or misplaced boxes show before an hour of training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..artifacts.pictures import Boxes, class_colors, draw_boxes, plt, save_figure
+from .dataset import DetectionDataset
+from .dataset_report import DatasetReport
+
+PREVIEW_FOLDER = "preview"
+CHART_FILE = "boxes_per_class.png"
+
+
+def write_preview(data: DetectionDataset, output_dir: str | Path, count: int) -> list[Path]:
+    """Draw ``count`` images (evenly spaced through each split) with their boxes; PNG paths."""
+    folder = Path(output_dir) / PREVIEW_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    per_split = math.ceil(count / len(data.splits)) if count > 0 else 0
+    written: list[Path] = []
+    for split, dataset in data.splits.items():
+        take = min(per_split, len(dataset), count - len(written))
+        for index in np.linspace(0, len(dataset) - 1, num=take, dtype=int) if take else []:
+            example = dataset[int(index)]
+            objects = example["objects"]
+            boxes = Boxes.from_coco(objects["bbox"], objects["category"])
+            drawn = draw_boxes(example["image"], boxes, data.class_names)
+            path = folder / f"{split}_{example['image_id']}.png"
+            Image.fromarray(drawn).save(path)
+            written.append(path)
+    return written
+
+
+def save_class_chart(report: DatasetReport, path: str | Path) -> Path:
+    """A bar chart of the boxes per class, one bar per split."""
+    names, splits = report.class_names, list(report.splits)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * len(splits)), 4))
+    width = 0.8 / len(splits)
+    positions = np.arange(len(names))
+    for i, (split, color) in enumerate(zip(splits, class_colors(len(splits)))):
+        counts = [report.splits[split].boxes_per_class[n] for n in names]
+        ax.bar(positions + i * width, counts, width, label=split, color=color)
+    ax.set_xticks(positions + width * (len(splits) - 1) / 2, names, rotation=30, ha="right")
+    ax.set_ylabel("boxes")
+    ax.set_title(f"Boxes per class: {report.source}")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,5 @@
+"""Stage 5, evaluation: detections -> COCO metrics (pycocotools), overall and per class.
+
+coco_metrics   ``CocoEvaluator``: post-processed detections -> the 12 COCO numbers
+evaluate       a fine-tuned model on one split of a dataset (``hf-detr-ft evaluate``)
+"""

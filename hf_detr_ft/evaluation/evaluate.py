@@ -1,0 +1,181 @@
+"""Evaluate a fine-tuned detector on one split of a dataset folder: COCO metrics, per class.
+
+:func:`evaluate` runs :class:`~hf_detr_ft.training.trainer.DetrTrainer`'s own evaluation (each batch
+post-processed and fed to :class:`~evaluation.coco_metrics.CocoEvaluator`, i.e. pycocotools), so
+the numbers are those of training's final evaluation, and under ``accelerate launch`` every
+image is counted once and every process gets the same numbers as a single process would.
+
+The result holds the 12 numbers of ``COCOeval.summarize()``, AP@[.5:.95] and AR@100 per class
+by name and DETR's loss terms; :meth:`EvaluationResult.table` prints them. With
+``save_predictions`` the detections are also kept as a COCO results list in the dataset's
+*original* category and image ids, so ``COCO(annotation_file).loadRes(path)`` works on the
+annotation file the dataset came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..arguments import DetrTrainingArguments
+from ..data.dataset import load_detection_dataset
+from ..errors import DatasetError
+from ..inference.predict import load_detector
+from ..pipeline.collate import collate_fn
+from ..pipeline.transforms import DetrTransform
+from ..training.trainer import DetrTrainer
+from .coco_metrics import SUMMARY_METRICS, CocoEvaluator
+
+logger = logging.getLogger(__name__)
+
+#: ``COCOeval.summarize()``'s description of each of its 12 numbers.
+SUMMARY_LABELS = {
+    "map": "AP  @[IoU=0.50:0.95 | area=   all | maxDets=100]",
+    "map_50": "AP  @[IoU=0.50      | area=   all | maxDets=100]",
+    "map_75": "AP  @[IoU=0.75      | area=   all | maxDets=100]",
+    "map_small": "AP  @[IoU=0.50:0.95 | area= small | maxDets=100]",
+    "map_medium": "AP  @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "map_large": "AP  @[IoU=0.50:0.95 | area= large | maxDets=100]",
+    "mar_1": "AR  @[IoU=0.50:0.95 | area=   all | maxDets=  1]",
+    "mar_10": "AR  @[IoU=0.50:0.95 | area=   all | maxDets= 10]",
+    "mar_100": "AR  @[IoU=0.50:0.95 | area=   all | maxDets=100]",
+    "mar_small": "AR  @[IoU=0.50:0.95 | area= small | maxDets=100]",
+    "mar_medium": "AR  @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "mar_large": "AR  @[IoU=0.50:0.95 | area= large | maxDets=100]",
+}
+LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
+_SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
+
+
+@dataclass
+class EvaluationResult:
+    """COCO metrics of one split. -1 means "no ground truth" (a class or an area range)."""
+
+    model: str
+    dataset_dir: str
+    split: str
+    images: int
+    boxes: int
+    class_names: list[str]
+    metrics: dict[str, float]  # the 12 COCO numbers, named as in SUMMARY_METRICS
+    per_class: dict[str, dict[str, float]]  # class name -> {"ap": AP@[.5:.95], "ar": AR@100}
+    losses: dict[str, float]
+    predictions: list[dict[str, Any]] | None = None  # COCO results, original ids
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the predictions, for ``evaluation_<split>.json``."""
+        return {k: v for k, v in asdict(self).items() if k != "predictions"}
+
+    def table(self) -> str:
+        """The COCO summary and the per-class AP/AR as aligned text."""
+        lines = [
+            f"COCO box metrics of {self.model} on the {self.split} split of {self.dataset_dir} "
+            f"({self.images} images, {self.boxes} boxes)",
+            *(f"  {SUMMARY_LABELS[name]} = {self.metrics[name]:6.3f}" for name in SUMMARY_METRICS),
+            "",
+        ]
+        width = max(len("class"), *(len(name) for name in self.class_names))
+        lines.append(f"  {'class':<{width}}  {'AP':>6}  {'AR':>6}")
+        for name in self.class_names:
+            ap, ar = self.per_class[name]["ap"], self.per_class[name]["ar"]
+            lines.append(f"  {name:<{width}}  {ap:6.3f}  {ar:6.3f}")
+        if any(v == -1 for pair in self.per_class.values() for v in pair.values()):
+            lines.append("  (-1: no ground-truth boxes of that kind in this split)")
+        return "\n".join(lines)
+
+
+class _EvaluationTrainer(DetrTrainer):
+    """A DetrTrainer that keeps its last CocoEvaluator (with every process's detections)."""
+
+    evaluator: CocoEvaluator | None = None
+
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        self.evaluator = self._evaluator
+        return super().prediction_step(*args, **kwargs)
+
+
+def evaluate(
+    model: str | Path,
+    dataset_dir: str | Path,
+    split: str = "test",
+    *,
+    output_dir: str | Path | None = None,
+    save_predictions: bool = False,
+    batch_size: int = 8,
+    device: str | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 42,
+) -> EvaluationResult:
+    """COCO metrics of ``model`` (a fine-tuned folder or Hub id) on a split of ``dataset_dir``.
+
+    ``split`` is ``train``, ``validation`` (or ``val``/``valid``) or ``test``. A folder without
+    a validation split gets the one training split off (``validation_fraction``, ``seed``: the
+    defaults of training). With ``output_dir``, the main process writes
+    ``evaluation_<split>.json`` and, with ``save_predictions``, ``predictions_<split>.json``.
+    ``device="cpu"`` forces the CPU; by default the Trainer picks the accelerator.
+    """
+    data = load_detection_dataset(dataset_dir, validation_fraction=validation_fraction, seed=seed)
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in data.splits:
+        raise DatasetError(f"{data.root} has no {split!r} split; it has {', '.join(data.splits)}.")
+    detector, processor = load_detector(model, device="cpu")  # the Trainer places it
+    model_classes = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
+    if model_classes != data.class_names:
+        raise DatasetError(
+            f"The model {model} predicts the classes {model_classes}, but {data.root} has the "
+            f"classes {data.class_names}; evaluate on the kind of dataset the model was trained on."
+        )
+    dataset = data.splits[split]
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = _EvaluationTrainer(
+            model=detector,
+            args=DetrTrainingArguments(
+                output_dir=scratch,
+                eval_strategy="no",
+                save_strategy="no",
+                load_best_model_at_end=False,
+                report_to="none",
+                per_device_eval_batch_size=batch_size,
+                use_cpu=device == "cpu",
+            ),
+            processing_class=processor,
+            data_collator=collate_fn,
+        )
+        found = trainer.evaluate(DetrTransform.for_evaluation(processor).apply_to(dataset))
+    result = EvaluationResult(
+        model=str(model),
+        dataset_dir=str(data.root),
+        split=split,
+        images=len(dataset),
+        boxes=sum(len(objects["category"]) for objects in dataset.with_format(None)["objects"]),
+        class_names=data.class_names,
+        metrics={name: found[f"eval_{name}"] for name in SUMMARY_METRICS},
+        per_class={
+            name: {"ap": found[f"eval_ap_{name}"], "ar": found[f"eval_ar_{name}"]}
+            for name in data.class_names
+        },
+        losses={name: found[f"eval_{name}"] for name in LOSS_TERMS if f"eval_{name}" in found},
+        predictions=(
+            trainer.evaluator.results(data.label_map.source_ids) if save_predictions else None
+        ),
+    )
+    if output_dir is not None and trainer.is_world_process_zero():
+        write_evaluation(result, output_dir)
+    return result
+
+
+def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> list[Path]:
+    """Write ``evaluation_<split>.json`` (and ``predictions_<split>.json`` if kept)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"evaluation_{result.split}.json"]
+    written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if result.predictions is not None:
+        written.append(out / f"predictions_{result.split}.json")
+        written[1].write_text(json.dumps(result.predictions) + "\n")
+    logger.info("Wrote %s", ", ".join(map(str, written)))
+    return written

@@ -1,0 +1,6 @@
+"""Stage 6, inference: a fine-tuned detector on images.
+
+detect         batched forward pass and post-processing to boxes in pixels
+predict        image files, folders and globs -> detections, pictures, one COCO JSON
+explain        decoder cross-attention of the top detections, as a figure
+"""

@@ -1,0 +1,360 @@
+"""Run a fine-tuned detector on image files, folders and globs; write pictures and one JSON.
+
+:func:`predict` reads the images in batches with training's EXIF orientation and RGB
+conversion, so boxes fit the image as it is displayed, and decodes each as evaluation does
+(:func:`read_pixels`): a JPEG at least twice as large as the model's input at a reduced
+scale (Pillow's ``draft``), other camera JPEGs with torchvision, anything else with Pillow.
+The pictures, drawn at the input's size, decode every pixel.
+Batches hold images of similar aspect ratio (sorted by their headers; the processor pads each
+batch to its largest image). With the model on a GPU the next batch is decoded in a
+background thread while the model runs; on the CPU batches are read in turn, as the model's
+own threads use every core (a thread running torch beside them slowed predict by a quarter:
+see benchmarks/README.md). Results come back in the order the inputs were given.
+
+With ``output_dir`` it writes, per image, a copy with the boxes, class names
+and scores drawn (:func:`hf_detr_ft.artifacts.pictures.draw_boxes`, one colour per class), and one
+``predictions.json`` in COCO format::
+
+    {"images":      [{"id": 1, "file_name": "/abs/photo.jpg", "width": 640, "height": 480,
+                      "picture": "photo.jpg"}, ...],           # every input image, boxes or not
+     "annotations": [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [x, y, w, h],
+                      "score": 0.97, "area": 1234.5, "iscrowd": 0}, ...],
+     "categories":  [{"id": 0, "name": "stop"}, ...]}          # the model's class indices
+
+``annotations`` is a COCO results list (``COCO.loadRes`` takes it), and ``COCO(path)`` reads
+the whole file.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms.functional import pil_to_tensor
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+from ..artifacts.pictures import Boxes, draw_boxes
+from ..data.formats.voc import IMAGE_EXTENSIONS
+from ..data.image_files import (
+    IMAGE_ERRORS,
+    SIXTEEN_BIT_MODES,
+    decode_for_resize,
+    displayed_size,
+    eight_bit_png,
+)
+from ..errors import HfDetrFtError, ModelLoadError
+from ..models.loading import _cannot_load_message, load_image_processor
+from ..models.speedups import apply_speedups
+from ..pipeline.transforms import DetrTransform, channels_last_view
+from .detect import PreparedBatch, detect_prepared, prepare_batch
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.json"
+_PICTURE_SUFFIXES = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}  # anything else: PNG
+
+
+class InputError(HfDetrFtError):
+    """The images to run the model on cannot be found."""
+
+
+@dataclass
+class ImagePrediction:
+    """The detections of one image, in pixels of the image as displayed (EXIF applied)."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: Boxes  # xyxy, class indices, scores
+    picture: Path | None = None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as given, else CUDA when it is available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_detector(
+    model: str | Path, *, device: str | torch.device | None = None, **model_kwargs: Any
+) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """A fine-tuned detector (folder or Hub id) in eval mode on ``device``, and its processor.
+
+    The processor saved with the model is used as it is (the image size it was trained at);
+    a model saved without one gets DETR's default processor. The model runs with
+    :func:`~hf_detr_ft.models.speedups.apply_speedups` (same outputs, faster).
+    """
+    try:
+        detector = AutoModelForObjectDetection.from_pretrained(str(model), **model_kwargs)
+    except OSError as err:
+        raise ModelLoadError(_cannot_load_message(model, err)) from err
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(model))
+    except OSError:
+        processor = load_image_processor(model)
+    detector = detector.to(resolve_device(device)).eval()
+    apply_speedups(detector)
+    return detector, processor
+
+
+def find_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Image files named by ``inputs``: files, folders (their images, sorted) and globs.
+
+    Raises :class:`InputError` naming the input that does not exist or matches nothing.
+    """
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    found: dict[Path, None] = {}  # ordered, without duplicates
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise InputError(
+                    f"The folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})."
+                )
+        elif path.is_file():
+            files = [path]
+        elif glob.has_magic(str(item)):
+            files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+            files = [p for p in files if p.is_file()]
+            if not files:
+                raise InputError(f"The pattern {item!r} matches no files.")
+        else:
+            raise InputError(f"{path} does not exist (expected an image, a folder or a glob).")
+        found.update(dict.fromkeys(p.resolve() for p in files))
+    if not found:
+        raise InputError("No images given.")
+    return list(found)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode all of an image, oriented and converted as in training: EXIF orientation
+    applied, RGB (16-bit scaled to 8)."""
+    with Image.open(path) as image:
+        if image.mode in SIXTEEN_BIT_MODES:
+            with Image.open(io.BytesIO(eight_bit_png(path))) as scaled:
+                return scaled.convert("RGB")
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def read_pixels(
+    path: Path, resized_size: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image as uint8 RGB pixels (3, H, W), oriented and converted as :func:`open_image`
+    does, and its ``(width, height)`` as displayed (the size boxes refer to).
+
+    Decoded as training and evaluation decode it
+    (:func:`~hf_detr_ft.data.image_files.decode_for_resize`: camera JPEGs by torchvision,
+    and with ``resized_size``, the model's input size for a displayed size as
+    :meth:`~pipeline.transforms.DetrTransform.resized_size` gives it, a JPEG at least twice
+    as large as that at 1/2, 1/4 or 1/8 scale: a phone photo several times faster). 16-bit
+    images go through :func:`open_image`. Unreadable files raise Pillow's error. The tensor
+    is a channel-last view, the memory layout that resizes fastest
+    (:func:`~hf_detr_ft.pipeline.transforms.resize_for_model`).
+    """
+    with Image.open(path) as image:
+        sixteen_bit = image.mode in SIXTEEN_BIT_MODES
+    if sixteen_bit:
+        pixels = pil_to_tensor(open_image(path))
+        return pixels, (pixels.shape[-1], pixels.shape[-2])
+    value = {"path": str(path), "bytes": None}
+    pixels, size = decode_for_resize(value, resized_size or (lambda size: None))
+    return channels_last_view(pixels), size
+
+
+def predict(
+    model: str | Path,
+    inputs: str | Path | Iterable[str | Path],
+    threshold: float = 0.5,
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    *,
+    device: str | torch.device | None = None,
+) -> list[ImagePrediction]:
+    """Detect objects in images, folders and globs with a fine-tuned model (folder or Hub id).
+
+    Keeps detections scoring at least ``threshold``. With ``output_dir``, writes a picture per
+    image and ``predictions.json`` (see the module docstring). Unreadable images are skipped
+    with a warning that counts and names them.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be between 0 and 1, got {threshold}.")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    files = find_images(inputs)
+    detector, processor = load_detector(model, device=device)
+    class_names = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    pictures = _picture_names(files) if out is not None else {}
+    found: dict[Path, ImagePrediction] = {}
+    unreadable: list[str] = []
+    batches = _batches(_by_aspect_ratio(files), batch_size)
+    read = _read_ahead if detector.device.type != "cpu" else _read_in_turn
+    for batch in read(batches, processor, with_pictures=out is not None):
+        unreadable += batch.unreadable
+        if not batch.paths:
+            continue
+        detections = detect_prepared(detector, processor, batch.prepared, threshold=threshold)
+        for path, (width, height), pixels, detected in zip(
+            batch.paths, batch.sizes, batch.pictures, detections
+        ):
+            boxes = Boxes(
+                detected["boxes"].cpu(), detected["labels"].tolist(), detected["scores"].tolist()
+            )
+            prediction = found[path] = ImagePrediction(path, width, height, boxes)
+            if pixels is not None:
+                prediction.picture = out / pictures[path]
+                Image.fromarray(draw_boxes(pixels, boxes, class_names)).save(prediction.picture)
+    predictions = [found[path] for path in files if path in found]  # in the order given
+    if unreadable:
+        logger.warning(
+            "Skipped %d unreadable image(s): %s", len(unreadable), "; ".join(unreadable[:5])
+        )
+    if out is not None:
+        coco = predictions_to_coco(predictions, class_names)
+        (out / PREDICTIONS_FILE).write_text(json.dumps(coco, indent=1) + "\n")
+        logger.info("Wrote %d pictures and %s to %s", len(predictions), PREDICTIONS_FILE, out)
+    return predictions
+
+
+def predictions_to_coco(
+    predictions: Sequence[ImagePrediction], class_names: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Predictions as a COCO file whose ``annotations`` are a COCO results list (with scores)."""
+    images, annotations = [], []
+    for image_id, prediction in enumerate(predictions, start=1):
+        images.append(
+            {
+                "id": image_id,
+                "file_name": str(prediction.path),
+                "width": prediction.width,
+                "height": prediction.height,
+                "picture": prediction.picture.name if prediction.picture else None,
+            }
+        )
+        boxes = prediction.boxes
+        for (x0, y0, x1, y1), label, score in zip(boxes.xyxy.tolist(), boxes.labels, boxes.scores):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i, "name": name} for i, name in enumerate(class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+@dataclass
+class _ReadBatch:
+    """A batch ready for the model, its images' displayed ``(width, height)``, their full
+    pixels for the pictures (``None`` each without pictures) and the files not read."""
+
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    pictures: list[torch.Tensor | None]
+    prepared: PreparedBatch | None
+    unreadable: list[str]
+
+
+def _read_batch(
+    paths: Sequence[Path], processor: BaseImageProcessor, with_pictures: bool
+) -> _ReadBatch:
+    resized_size = DetrTransform.for_evaluation(processor).resized_size
+    batch = _ReadBatch([], [], [], None, [])
+    inputs = []
+    for path in paths:
+        try:
+            pixels, size = read_pixels(path, resized_size)
+            picture = None
+            if with_pictures:  # every pixel: the model's input may have been decoded reduced
+                picture = pixels if pixels.shape[-1] == size[0] else read_pixels(path)[0]
+        except IMAGE_ERRORS as err:
+            batch.unreadable.append(f"{path} ({err})")
+            continue
+        inputs.append(pixels)
+        batch.paths.append(path)
+        batch.sizes.append(size)
+        batch.pictures.append(picture)
+    if inputs:
+        heights_widths = [(height, width) for width, height in batch.sizes]
+        batch.prepared = prepare_batch(processor, inputs, sizes=heights_widths)
+    return batch
+
+
+def _read_in_turn(
+    batches: Iterable[Sequence[Path]], processor: BaseImageProcessor, with_pictures: bool
+) -> Iterator[_ReadBatch]:
+    """Read and prepare each batch when the caller asks for it (the model on the CPU)."""
+    for paths in batches:
+        yield _read_batch(paths, processor, with_pictures)
+
+
+def _read_ahead(
+    batches: Iterable[Sequence[Path]], processor: BaseImageProcessor, with_pictures: bool
+) -> Iterator[_ReadBatch]:
+    """Read and prepare each batch in a background thread while the caller runs the model on
+    the one before (decoding and the model release the GIL); one batch ahead at most. For a
+    model on a GPU, which leaves the cores free for reading."""
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = None
+        for paths in batches:
+            upcoming = reader.submit(_read_batch, paths, processor, with_pictures)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
+
+
+def _by_aspect_ratio(files: Sequence[Path]) -> list[Path]:
+    """The files sorted by displayed aspect ratio (headers only), so that a batch holds images
+    of similar shape and little is padded; unreadable files go last (reported when read)."""
+
+    def ratio(path: Path) -> float:
+        try:
+            width, height = displayed_size(path)
+        except IMAGE_ERRORS:
+            return float("inf")
+        return width / max(height, 1)
+
+    return sorted(files, key=ratio)
+
+
+def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _picture_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each input's picture name: its own name (JPEG and PNG kept, anything else as PNG), made
+    unique in the folder in the order the inputs were given."""
+    used: set[str] = set()
+    names = {}
+    for path in files:
+        suffix = _PICTURE_SUFFIXES.get(path.suffix.lower(), ".png")
+        name, n = f"{path.stem}{suffix}", 1
+        while name in used:
+            name, n = f"{path.stem}_{n}{suffix}", n + 1
+        used.add(name)
+        names[path] = name
+    return names

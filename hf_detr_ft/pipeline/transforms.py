@@ -1,0 +1,354 @@
+"""Turn dataset examples into model inputs: albumentations augmentation, then DetrImageProcessor.
+
+:class:`DetrTransform` is given to ``datasets.Dataset.with_transform``: it runs lazily on each
+batch that the data loader reads, so nothing is precomputed or cached on disk. Per image:
+
+1. (training only) albumentations, bbox-aware: horizontal flip, a crop that keeps every box
+   (``BBoxSafeRandomCrop``) and brightness/contrast jitter;
+2. ``DetrImageProcessor`` resizes (shortest edge ``image_size``, longest edge at most
+   ``max_image_size``; in training the shortest edge is drawn from ``train_scales`` — DETR's
+   multi-scale jitter), normalises, and converts the COCO boxes into DETR's targets:
+   ``class_labels`` and ``boxes`` as normalised ``(cx, cy, w, h)``, plus ``orig_size``, ``size``,
+   ``image_id``, ``area`` and ``iscrowd``.
+
+Images are not padded here; :func:`hf_detr_ft.pipeline.collate.collate_fn` pads each batch to its
+largest image, so boxes stay normalised to the image itself as in the original DETR.
+
+:meth:`DetrTransform.apply_to` hands the transform each image still encoded, and a JPEG much
+larger than the resize target is decoded at 1/2, 1/4 or 1/8 scale
+(:func:`hf_detr_ft.data.image_files.decode_for_resize`): a 12-megapixel photo trained at 800x1333
+is decoded and resized 3x faster, at 600 px 6x. Boxes are scaled with it, and ``orig_size``
+stays the full size that the annotations and the COCO evaluation use. (Resizing before the
+random crop is also what the original DETR's augmentation does.) The training transform
+keeps what it decoded for the next epochs (:mod:`hf_detr_ft.pipeline.image_cache`).
+
+The random choices for an image (flip, crop, jitter, scale) depend only on the transform's
+``seed``, the epoch (:meth:`DetrTransform.set_epoch`, called by :class:`AugmentationEpochCallback`)
+and the image id, never on a global random state. A run resumed mid-epoch therefore augments
+each remaining image exactly as the uninterrupted run did, although the data loader reads
+batches ahead of the step whose random state a checkpoint saves, and the number of
+DataLoader workers or processes does not change the augmentations.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
+from torch.utils.data import get_worker_info
+from transformers import (
+    DetrImageProcessor,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.image_utils import SizeDict, get_image_size_for_max_height_width
+
+from ..data.image_files import decode_for_resize
+from .image_cache import DecodedImageCache, default_cache_mb, image_key
+
+logger = logging.getLogger(__name__)
+
+#: DETR's multi-scale training draws the shortest edge from 60 % to 100 % of the eval size.
+DEFAULT_MIN_SCALE = 0.6
+
+
+def train_augmentation() -> A.Compose:
+    """The bbox-aware augmentation applied to training images (never to evaluation images).
+
+    Boxes are clipped and filtered once, at the end (``check_each_transform=False``; 1.4 ->
+    1.0 ms per 640x480 photo): the flip and the box-safe crop keep every box and the
+    brightness moves none, so filtering after each of them finds nothing more."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        ],
+        bbox_params=A.BboxParams(
+            format="coco",
+            label_fields=["category", "iscrowd"],
+            clip=True,
+            min_area=1.0,
+            check_each_transform=False,
+        ),
+    )
+
+
+def train_scales(image_size: int, min_scale: float = DEFAULT_MIN_SCALE) -> list[int]:
+    """Shortest-edge sizes for multi-scale training, in steps of 10 % from ``min_scale`` to 1."""
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}.")
+    factors = np.append(np.arange(1.0, min_scale - 1e-9, -0.1), min_scale)
+    return sorted({max(16, round(image_size * f)) for f in factors})
+
+
+class DetrTransform:
+    """For ``Dataset.with_transform``: examples in, ``pixel_values`` and ``labels`` out."""
+
+    def __init__(
+        self,
+        image_processor: DetrImageProcessor,
+        *,
+        augmentation: A.Compose | None = None,
+        scales: Sequence[int] | None = None,
+        seed: int = 0,
+        image_cache: DecodedImageCache | None = None,
+    ) -> None:
+        self.image_processor = image_processor
+        self.augmentation = augmentation
+        self.scales = list(scales) if scales else None
+        self.seed = seed
+        self.image_cache = image_cache
+        self.epoch = 0
+
+    @classmethod
+    def for_training(
+        cls,
+        image_processor: DetrImageProcessor,
+        seed: int = 0,
+        min_scale: float = DEFAULT_MIN_SCALE,
+        image_cache_mb: float | None = None,
+    ) -> DetrTransform:
+        """DETR's training transform; decoded images are kept between epochs up to
+        ``image_cache_mb`` (``None``: :func:`~pipeline.image_cache.default_cache_mb`; 0: none).
+
+        Evaluation keeps nothing: its memory stays flat in the number of images."""
+        shortest_edge = image_processor.size["shortest_edge"]
+        budget = default_cache_mb() if image_cache_mb is None else image_cache_mb
+        return cls(
+            image_processor,
+            augmentation=train_augmentation(),
+            scales=train_scales(shortest_edge, min_scale),
+            seed=seed,
+            image_cache=DecodedImageCache(budget) if budget > 0 else None,
+        )
+
+    @classmethod
+    def for_evaluation(cls, image_processor: DetrImageProcessor) -> DetrTransform:
+        return cls(image_processor)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new augmentations: each epoch sees every image augmented differently."""
+        self.epoch = epoch
+
+    def apply_to(self, dataset: Dataset) -> Dataset:
+        """``dataset.with_transform(self)``, with the images left encoded for :meth:`__call__`
+        to decode no larger than needed (see the module docstring)."""
+        encoded = ImageFeature(mode="RGB", decode=False)
+        return dataset.cast_column("image", encoded).with_transform(self)
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        pixel_values, labels = [], []
+        decoded = self._decode_all(batch["image"])
+        for (pixels, full_size), image_id, objects in zip(
+            decoded, batch["image_id"], batch["objects"]
+        ):
+            encoded = self.encode(pixels, image_id, objects, full_size)
+            pixel_values.append(encoded["pixel_values"][0])
+            labels.append(encoded["labels"][0])
+        return {"pixel_values": pixel_values, "labels": labels}
+
+    def _decode_all(self, images: list[Any]) -> list[tuple[np.ndarray, tuple[int, int] | None]]:
+        """Each image's pixels and full size (``None``: the pixels are at full size), from the
+        image cache where it holds them (see :mod:`pipeline.image_cache`), the rest decoded
+        side by side on torch's thread count when the batch is read in the training or
+        evaluation loop's own process (no DataLoader workers, the CPU default).
+
+        Decoding runs without the GIL and is most of what a PNG costs (6-7 ms for 640x480).
+        Only decoding runs on the threads (:func:`decode_for_resize` runs no parallel torch
+        operation), never the processor's tensor operations: a thread that has run those has
+        its own OpenMP team, which slows the model's forward for as long as the thread lives
+        (benchmarks/README.md).
+        """
+        in_worker = get_worker_info() is not None
+        cache = None if in_worker else self.image_cache
+        if cache is None:  # "is None": an empty cache is falsy (its len is 0)
+            keys, decoded = [None] * len(images), [None] * len(images)
+        else:
+            keys = [image_key(image) for image in images]
+            decoded = [cache.get(key) for key in keys]
+        missing = [image for image, pixels in zip(images, decoded) if pixels is None]
+        threads = torch.get_num_threads()
+        if min(len(missing), threads) < 2 or in_worker:
+            fresh = iter([self._decode(image) for image in missing])
+        else:
+            fresh = _decoding_threads(os.getpid(), threads).map(self._decode, missing)
+        for i, key in enumerate(keys):
+            if decoded[i] is None:
+                decoded[i] = next(fresh)
+                if cache is not None:
+                    cache.put(key, decoded[i])
+        return decoded
+
+    def _decode(self, image: Any) -> tuple[np.ndarray, tuple[int, int] | None]:
+        if isinstance(image, dict):  # still encoded: see apply_to
+            return decode_for_resize(image, self.resized_size)
+        return np.array(image), None  # decoded by datasets: at its full size
+
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
+        """The largest ``(width, height)`` the processor will resize an image of ``size`` to
+        (training: at the largest scale), by the processor's own rules in its order; ``None``
+        when it does not resize."""
+        if not self.image_processor.do_resize:
+            return None
+        rule = dict(self.image_processor.size)
+        if self.scales:
+            rule["shortest_edge"] = max(self.scales)
+        width, height = size
+        if rule.get("shortest_edge") and rule.get("longest_edge"):
+            new_height, new_width = get_size_with_aspect_ratio(
+                (height, width), rule["shortest_edge"], rule["longest_edge"]
+            )
+        elif rule.get("max_height") and rule.get("max_width"):
+            new_height, new_width = get_image_size_for_max_height_width(
+                (height, width), rule["max_height"], rule["max_width"]
+            )
+        elif rule.get("height") and rule.get("width"):
+            new_height, new_width = rule["height"], rule["width"]
+        else:
+            return None
+        return new_width, new_height
+
+    def encode(
+        self,
+        image: np.ndarray,
+        image_id: int,
+        objects: dict[str, list],
+        full_size: tuple[int, int] | None = None,
+    ) -> Any:
+        """Augment (if training) and process one RGB image with its objects; ``full_size``
+        ``(width, height)``: the size the boxes refer to, when ``image`` was decoded smaller."""
+        boxes, categories, crowd = objects["bbox"], objects["category"], objects["iscrowd"]
+        areas = objects["area"]
+        height, width = image.shape[:2]
+        full_width, full_height = full_size or (width, height)
+        if (full_width, full_height) != (width, height):
+            boxes, areas = _scaled(boxes, areas, width / full_width, height / full_height)
+        # str seeds are hashed with SHA-512: the same in every process, whatever PYTHONHASHSEED.
+        rng = random.Random(f"{self.seed}-{self.epoch}-{image_id}")
+        if self.augmentation is not None:
+            self.augmentation.set_random_seed(rng.getrandbits(32))
+            out = self.augmentation(image=image, bboxes=boxes, category=categories, iscrowd=crowd)
+            image, boxes = out["image"], out["bboxes"]
+            categories, crowd = out["category"], out["iscrowd"]
+            areas = [float(w * h) for _, _, w, h in boxes]
+        scale = rng.choice(self.scales) if self.scales else None
+        pixels = resize_for_model(self.image_processor, channels_last_view(image), scale)
+        options: dict[str, Any] = {"do_resize": False}
+        if pixels is None:  # a processor that resizes its own way: it scales the boxes itself
+            pixels, options = (image if image.flags.writeable else image.copy()), {}
+            if scale is not None:
+                options["size"] = {**dict(self.image_processor.size), "shortest_edge": scale}
+        elif pixels.shape[-2:] != image.shape[:2]:  # as the processor's resize_annotation
+            (height, width), (new_height, new_width) = image.shape[:2], pixels.shape[-2:]
+            boxes, areas = _scaled(boxes, areas, new_width / width, new_height / height)
+        annotation = {
+            "image_id": image_id,
+            "annotations": [
+                {
+                    "bbox": list(map(float, b)),
+                    "category_id": int(c),
+                    "area": float(a),
+                    "iscrowd": int(z),
+                }
+                for b, c, a, z in zip(boxes, categories, areas, crowd)
+            ],
+        }
+        encoded = self.image_processor(
+            images=pixels, annotations=annotation, do_pad=False, return_tensors="pt", **options
+        )
+        labels = encoded["labels"][0]
+        if "size" not in labels:  # set by the processor's resize_annotation, when it resizes
+            labels["size"] = torch.tensor(encoded["pixel_values"].shape[-2:])
+        labels["orig_size"] = torch.tensor([full_height, full_width])
+        return encoded
+
+
+def channels_last_view(image: np.ndarray) -> torch.Tensor:
+    """An ``(H, W, C)`` array as a ``(C, H, W)`` tensor sharing its memory (channel-last)."""
+    if image.strides[0] < 0 or image.strides[1] < 0:  # a flip as a view; torch refuses it
+        image = np.ascontiguousarray(image)
+    if image.flags.writeable:
+        return torch.from_numpy(image).permute(2, 0, 1)
+    with warnings.catch_warnings():  # a cached image (image_cache), only read from here on
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(image).permute(2, 0, 1)
+
+
+def resize_for_model(
+    image_processor: BaseImageProcessor, pixels: torch.Tensor, shortest_edge: int | None = None
+) -> torch.Tensor | None:
+    """``(C, H, W)`` uint8 pixels resized by the processor's own ``resize`` and size rule
+    (``shortest_edge``: a drawn training scale), for the processor to take with
+    ``do_resize=False``; ``None`` where the processor does not resize, or resizes with a
+    backend other than torchvision (it is then left to do so).
+
+    The processor would first copy the pixels into channel-first memory and then resize
+    them; resized from channel-last memory (an image as decoded or augmented), torch's uint8
+    kernel needs no repacking: the same pixels 1.7x faster (2.9 -> 1.6 ms for a 640x480 photo).
+    """
+    if not (isinstance(image_processor, TorchvisionBackend) and image_processor.do_resize):
+        return None
+    rule = dict(image_processor.size)
+    if shortest_edge is not None:
+        rule["shortest_edge"] = shortest_edge
+    return image_processor.resize(pixels, SizeDict(**rule), resample=image_processor.resample)
+
+
+@functools.cache
+def _decoding_threads(pid: int, count: int) -> ThreadPoolExecutor:
+    """One pool per process and thread count, kept for the life of the process (started when
+    first needed; a pool per batch cost more than decoding two JPEGs on it saved). Keyed by
+    ``pid``: a forked child inherits the pool object but none of its threads."""
+    return ThreadPoolExecutor(count, thread_name_prefix="hf-detr-ft-decode")
+
+
+def _scaled(
+    boxes: Sequence[Sequence[float]], areas: Sequence[float], sx: float, sy: float
+) -> tuple[list[list[float]], list[float]]:
+    """COCO ``[x, y, w, h]`` boxes and their areas on an image scaled by ``sx``, ``sy``."""
+    return [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in boxes], [
+        area * sx * sy for area in areas
+    ]
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tell the training transform which epoch starts (also the resumed one), before any batch.
+
+    The data loader's workers receive a copy of the transform when an epoch's iteration begins,
+    which is after ``on_epoch_begin``; persistent workers keep their first copy, so with
+    ``dataloader_persistent_workers`` every epoch would repeat the first one's augmentations.
+    """
+
+    def __init__(self, transform: DetrTransform) -> None:
+        self.transform = transform
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            logger.warning(
+                "dataloader_persistent_workers: the workers keep the first epoch's transform, "
+                "so every epoch repeats its augmentations; turn it off for new ones each epoch."
+            )
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.transform.set_epoch(int(state.epoch or 0))

@@ -1,0 +1,397 @@
+"""``DetrTrainer``: ``transformers.Trainer`` with DETR's optimizer and COCO evaluation.
+
+* Optimizer: the Trainer's own (``--optim``, AdamW by default) with four parameter groups:
+  backbone / rest x weight decay / none. The backbone learns at ``lr_backbone``, the rest at
+  ``learning_rate``, as in DETR. The scheduler scales both.
+* Checkpoint loading (resume, best model at the end): transformers 5 saves DETR weights under
+  the checkpoint format's key names, which the Trainer's raw ``load_state_dict`` does not map
+  back, so it would silently keep the current weights. Weights are loaded through
+  ``from_pretrained``, which applies the key mapping.
+* Checkpoints: a kill while saving never leaves a checkpoint that looks complete, and
+  evaluation does not move the random state, so resumed runs continue exactly (see
+  :mod:`hf_detr_ft.training.checkpoints`).
+* Speed: the model's frozen BatchNorms are folded into its convolutions and, with
+  ``channels_last`` (the default), its convolution weights stored NHWC
+  (:mod:`hf_detr_ft.models.speedups`; same outputs, same state dict).
+* Mixed precision (``bf16``, ``fp16``; chosen for the GPU by ``auto_mixed_precision``): the
+  class and box heads run in fp32 (:mod:`hf_detr_ft.models.mixed_precision`), so boxes keep their
+  precision.
+* Multi-process loss: see :mod:`training.loss_normalisation` (box losses were scaled by the process
+  count in transformers 5).
+* Weight average (``ema_decay`` > 0): an EMA of the weights (:mod:`hf_detr_ft.training.ema`) is what
+  evaluation scores, checkpoints and the final save hold, best-model selection picks and the
+  Hub gets; each checkpoint also keeps the optimizer's own weights, so a resume is exact. After
+  ``train()`` the model holds the average.
+* Hub: the repo is created and the final push made through :mod:`hf_detr_ft.artifacts.hub` (clear
+  errors, only the files a model repo needs, the card of ``ModelCardCallback`` kept); the
+  Trainer's own checkpoint pushes (``hub_strategy``) are unchanged.
+* Training batches: with ``group_by_aspect_ratio`` (the default) each batch holds images of
+  similar aspect ratio (:mod:`hf_detr_ft.pipeline.sampler`), so padding to the batch's largest image
+  wastes few pixels; accelerate still deals whole batches to the processes. Evaluation
+  images are sorted by aspect ratio for the same reason.
+* Evaluation: each batch is post-processed right away and fed to a
+  :class:`~evaluation.coco_metrics.CocoEvaluator`; the Trainer's own loop still prepares the
+  model (DDP, FSDP, DeepSpeed) and averages the loss. Metrics: ``eval_loss``, DETR's loss terms
+  (``eval_loss_ce``, ``eval_loss_bbox``, ``eval_loss_giou``, ``eval_cardinality_error``), the 12
+  COCO numbers (``eval_map`` ...) and ``eval_ap_<class>`` / ``eval_ar_<class>``.
+* Training signals (what the original DETR logs, so a run that does not learn shows it): every
+  training log adds ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``cardinality_error`` and
+  ``class_error`` averaged over the logging interval (the Trainer adds ``grad_norm``);
+  evaluation adds ``eval_class_error``. ``class_error`` is the percentage of Hungarian-matched
+  queries whose top class is wrong (100 - accuracy), see :func:`count_class_errors`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+from transformers import PretrainedConfig, Trainer
+from transformers.loss.loss_for_object_detection import HungarianMatcher
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from ..artifacts.hub import create_hub_repo, push_output_dir
+from ..errors import ArgumentError
+from ..evaluation.coco_metrics import CocoEvaluator
+from ..models.mixed_precision import keep_heads_in_fp32
+from ..models.speedups import apply_speedups
+from ..pipeline.sampler import AspectRatioGroupedSampler, AspectRatioSortedSampler
+from .checkpoints import discard_checkpoint, random_state_kept
+from .ema import (
+    UpdateAverageCallback,
+    WeightAverage,
+    load_training_weights,
+    save_training_weights,
+)
+from .loss_normalisation import fix_object_detection_loss_normalisation
+
+fix_object_detection_loss_normalisation()
+
+
+def is_backbone_parameter(name: str) -> bool:
+    """DETR-family models keep their CNN under a module named ``backbone``."""
+    return "backbone" in name
+
+
+def count_class_errors(
+    logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    labels: list[dict[str, torch.Tensor]],
+    config: PretrainedConfig,
+) -> tuple[int, int]:
+    """``(wrong, matched)``: matched queries whose top class is wrong, and all matched queries.
+
+    Queries are matched to the targets by transformers' ``HungarianMatcher`` with the model's
+    matching costs, as in the loss. A matched query is wrong when its highest logit (the
+    no-object class included) is not its target's class; DETR logs ``100 * wrong / matched``
+    as ``class_error``.
+    """
+    if not any(len(target["class_labels"]) for target in labels):
+        return 0, 0  # nothing to match (and the matcher cannot take an empty batch)
+    matcher = HungarianMatcher(
+        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
+    )
+    indices = matcher({"logits": logits.detach(), "pred_boxes": pred_boxes.detach()}, labels)
+    wrong = matched = 0
+    for image_logits, target, (queries, targets) in zip(logits, labels, indices):
+        predicted = image_logits[queries].argmax(-1)
+        wrong += int((predicted != target["class_labels"][targets].to(predicted.device)).sum())
+        matched += len(queries)
+    return wrong, matched
+
+
+def add_training_signals(
+    totals: dict[str, float], outputs: Any, labels: list[dict], config: PretrainedConfig
+) -> None:
+    """Add one batch's DETR loss terms (weighted by its images) and class errors to ``totals``."""
+    for name, value in (outputs.loss_dict or {}).items():
+        totals[name] += float(value.detach()) * len(labels)
+    totals["_images"] += len(labels)
+    wrong, matched = count_class_errors(outputs.logits, outputs.pred_boxes, labels, config)
+    totals["_wrong"] += wrong
+    totals["_matched"] += matched
+
+
+def training_signal_means(totals: dict[str, float]) -> dict[str, float]:
+    """Per-image means of the loss terms and ``class_error`` (percent) from summed ``totals``."""
+    totals = dict(totals)
+    images, wrong, matched = (totals.pop(k, 0) for k in ("_images", "_wrong", "_matched"))
+    means = {name: value / images for name, value in totals.items()} if images else {}
+    if matched:
+        means["class_error"] = 100.0 * wrong / matched
+    return means
+
+
+class DetrTrainer(Trainer):
+    """A Trainer for DETR-family detectors; pass the image processor as ``processing_class``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.model is not None:
+            apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
+            keep_heads_in_fp32(self.model)  # however autocast is turned on: flags, accelerate
+        self._weight_average = self._create_weight_average()
+        self._evaluator: CocoEvaluator | None = None
+        self._eval_loss_terms: dict[str, float] = defaultdict(float)
+        self._train_signals: dict[str, float] = defaultdict(float)
+        self._parameter_count: tuple[nn.Module, int] | None = None  # the model, its count
+
+    def _create_weight_average(self) -> WeightAverage | None:
+        """The EMA of the weights asked for by ``ema_decay``, updated after each optimizer step."""
+        decay = getattr(self.args, "ema_decay", 0.0)
+        if not decay or self.model is None:
+            return None
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ArgumentError(
+                "ema_decay works with one or several processes (DDP), not with FSDP or DeepSpeed, "
+                "which shard the parameters; train without --ema_decay there."
+            )
+        average = WeightAverage(self.model, decay, self.args.ema_tau)
+        self.add_callback(UpdateAverageCallback(average))
+        return average
+
+    def _averaged(self) -> AbstractContextManager:
+        """Inside, the model holds the weight average (when there is one)."""
+        average = self._weight_average
+        return average.swapped_in() if average is not None else nullcontext()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's training; then, with a weight average, the model takes its values."""
+        output = super().train(*args, **kwargs)
+        if self._weight_average is not None:
+            self._weight_average.apply()
+        return output
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate for ``total_flos`` (6 x input elements x parameters), with the
+        parameters counted once: the Trainer counts them at every step, walking every module
+        (0.5 ms of the tiny model's ~70 ms CPU step)."""
+        pixels = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        if pixels is None or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None or self._parameter_count[0] is not self.model:
+            self._parameter_count = (self.model, self.model.num_parameters(exclude_embeddings=True))
+        return 6 * pixels.numel() * self._parameter_count[1]
+
+    def _get_train_sampler(
+        self, train_dataset: datasets.Dataset | None = None
+    ) -> torch.utils.data.Sampler | None:
+        """Aspect-ratio grouped order when asked for and the data has width/height columns."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        sizes = self._image_sizes(dataset)
+        if sizes is None or self.args.train_sampling_strategy != "random":
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        return AspectRatioGroupedSampler(*sizes, self._train_batch_size, seed=seed)
+
+    def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
+        """Evaluation batches of similar aspect ratio (a fixed order), when asked for."""
+        sizes = self._image_sizes(eval_dataset)
+        if sizes is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return AspectRatioSortedSampler(*sizes, self.args.eval_batch_size)
+
+    def _image_sizes(self, dataset: Any) -> tuple[list[int], list[int]] | None:
+        """The images' widths and heights with ``group_by_aspect_ratio``, if the data has them."""
+        if not (
+            getattr(self.args, "group_by_aspect_ratio", False)
+            and isinstance(dataset, datasets.Dataset)
+            and {"width", "height"} <= set(dataset.column_names)
+        ):
+            return None
+        sizes = dataset.with_format(None).select_columns(["width", "height"])
+        return sizes["width"], sizes["height"]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        lr_backbone = getattr(self.args, "lr_backbone", self.args.learning_rate)
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups[(is_backbone_parameter(name), name in decay)].append(param)
+        param_groups = [
+            {
+                "params": params,
+                "lr": lr_backbone if in_backbone else self.args.learning_rate,
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+            }
+            for (in_backbone, decays), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        """Load the checkpoint's model (with EMA: the average, which the EMA restarts from),
+        then the optimizer's own weights when the checkpoint kept them aside."""
+        if not self._load_saved_weights(resume_from_checkpoint, model or self.model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._weight_average is not None:
+            self._weight_average.restart()
+        load_training_weights(self.model, resume_from_checkpoint)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's save, into a folder cleared of any earlier save of the same step."""
+        folder = os.path.join(
+            self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        if self.args.should_save and os.path.isdir(folder):
+            discard_checkpoint(folder)  # e.g. a save of this step killed before the resume
+        if self.args.should_save and self._weight_average is not None:
+            os.makedirs(folder, exist_ok=True)  # before trainer_state.json marks it complete
+            save_training_weights(self._weight_average, folder)
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, of the weight average when there is one."""
+        with self._averaged():
+            super().save_model(output_dir, _internal_call)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Save, then wait: trainer_state.json comes next and must mean "every file written"."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _load_best_model(self) -> None:
+        if not self._load_saved_weights(self.state.best_model_checkpoint, self.model_wrapped):
+            super()._load_best_model()
+        if self._weight_average is not None:
+            self._weight_average.restart()  # the best checkpoint's model is an average
+
+    def _load_saved_weights(self, checkpoint: str, model: nn.Module) -> bool:
+        """Load a ``save_pretrained`` checkpoint's weights in place; False if not applicable."""
+        weights_file = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not os.path.isfile(weights_file):
+            return False
+        model = self.accelerator.unwrap_model(model)
+        saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict())
+        return True
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repo through :mod:`artifacts.hub`: clear errors before training."""
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = create_hub_repo(
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            private=self.args.hub_private_repo if private is None else private,
+            token=self.args.hub_token if token is None else token,
+        )
+        self.push_in_progress = None
+
+    def push_to_hub(
+        self,
+        commit_message: str = "End of training",
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+    ) -> str | None:
+        """Save and upload ``output_dir`` with :func:`hf_detr_ft.artifacts.hub.push_output_dir`.
+
+        Unlike ``Trainer.push_to_hub`` this keeps the card written by ``ModelCardCallback``
+        (``on_push_begin``), uploads only the files a model repo needs, blocks until done and
+        raises a :class:`~hf_detr_ft.artifacts.hub.HubError` that says how to push again later.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self._finish_current_push()
+        return push_output_dir(
+            self.args.output_dir,
+            self.hub_model_id,
+            private=self.args.hub_private_repo if private is None else private,
+            revision=revision or self.args.hub_revision,
+            token=self.args.hub_token if token is None else token,
+            commit_message=commit_message,
+        )
+
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        self._evaluator = CocoEvaluator.from_dataset(dataloader.dataset)
+        self._eval_loss_terms = defaultdict(float)
+        try:
+            with random_state_kept(), self._averaged():
+                output = super().evaluation_loop(
+                    dataloader, description, True, ignore_keys, metric_key_prefix
+                )
+            metrics = {
+                **self._gather_loss_terms(self._eval_loss_terms),
+                **self._evaluator.compute(),
+            }
+        finally:
+            self._evaluator = None
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
+        return output
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, None, None]:
+        """Forward one batch, feed its post-processed detections to the COCO evaluator."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        if self._evaluator is not None:
+            orig_sizes = torch.stack([target["orig_size"] for target in labels])
+            results = self.processing_class.post_process_object_detection(
+                outputs, threshold=0.0, target_sizes=orig_sizes
+            )
+            self._evaluator.update([int(target["image_id"]) for target in labels], results)
+            add_training_signals(self._eval_loss_terms, outputs, labels, self.model.config)
+        loss = outputs.loss.detach() if outputs.loss is not None else None
+        return loss, None, None
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The Trainer's loss; also adds the batch's DETR signals to the next training log."""
+        labels = inputs["labels"]
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        add_training_signals(self._train_signals, outputs, labels, self.model.config)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the DETR signals averaged since the last training log to a training log."""
+        if "loss" in logs:  # the Trainer's periodic training log, reached by every process
+            logs.update(self._gather_loss_terms(self._train_signals))
+            self._train_signals = defaultdict(float)
+        super().log(logs, start_time)
+
+    def _gather_loss_terms(self, sums: dict[str, float]) -> dict[str, float]:
+        """Means of DETR's loss terms and class_error over the images of all processes."""
+        totals: dict[str, float] = defaultdict(float)
+        for part in gather_object([dict(sums)]):
+            for name, value in part.items():
+                totals[name] += value
+        return training_signal_means(totals)
