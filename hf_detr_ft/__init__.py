@@ -56,6 +56,7 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
+
 def __getattr__(name: str) -> Any:
     """Import a public name's module on first access (PEP 562) and keep the name."""
     if name not in _PUBLIC:

@@ -9,6 +9,7 @@ the same flag on ``hf-detr-ft train`` and ``examples/train.py``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -118,6 +119,15 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "max_image_size"):
+            _check_at_least(name, getattr(self, name), 1)
+        for name in ("num_classes", "max_train_samples", "max_eval_samples"):
+            _check_at_least(name, getattr(self, name), 1, optional=True)
+        if not 0 <= self.validation_fraction < 1:
+            raise ArgumentError(
+                f"validation_fraction must be at least 0 and below 1, got "
+                f"{self.validation_fraction}."
+            )
         if not 0 < self.min_scale <= 1:
             raise ArgumentError(f"min_scale must be in (0, 1], got {self.min_scale}.")
         if self.image_cache_mb is not None and self.image_cache_mb < 0:
@@ -245,6 +255,10 @@ class DetrTrainingArguments(TrainingArguments):
         if self.auto_mixed_precision and not self._mixed_precision_configured():
             chosen = mixed_precision_for(_cuda_capability(self.use_cpu))
             self.bf16, self.fp16 = chosen == "bf16", chosen == "fp16"
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            _check_at_least(name, getattr(self, name), 1)
+        for name in ("learning_rate", "lr_backbone", "weight_decay"):
+            _check_at_least(name, getattr(self, name), 0)
         super().__post_init__()
         if not 0.0 <= self.ema_decay < 1.0:
             raise ArgumentError(
@@ -270,6 +284,19 @@ class DetrTrainingArguments(TrainingArguments):
         return state
 
 
+def _check_at_least(name: str, value: float | None, low: float, optional: bool = False) -> None:
+    """Refuse a number below ``low``, NaN or infinity (and ``None`` unless ``optional``)."""
+    if value is None and optional:
+        return
+    if value is None or not math.isfinite(value) or value < low:
+        raise ArgumentError(f"{name} must be a number of at least {low:g}, got {value}.")
+
+
+def effective_batch_size(args: TrainingArguments) -> int:
+    """Images per optimizer step: per device x processes x gradient accumulation."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
 def mixed_precision_for(cuda_capability: tuple[int, int] | None) -> str:
     """``auto_mixed_precision``'s choice for a GPU of this compute capability (``None``: no
     GPU): ``"bf16"`` from Ampere (8.0) on, ``"fp16"`` for Volta and Turing (7.x), whose
@@ -288,9 +315,10 @@ def _cuda_capability(use_cpu: bool) -> tuple[int, int] | None:
 
 
 def default_num_workers() -> int:
-    """Data workers by default, from benchmarks/README.md: on a CPU the model's step is so slow
-    that loading in the main process is 10x faster than it, and workers would take cores from
-    the model; a GPU leaves the cores free for decoding and augmenting."""
+    """Data workers by default: a quarter of the cores on a CPU, up to 4 with a GPU. On a CPU the
+    model's step takes far longer than loading its batch in the main process, so workers would
+    only take cores from the model (measured in benchmarks/README.md); a GPU leaves the cores
+    free for decoding and augmenting."""
     cores = os.cpu_count() or 1
     return min(4, cores if torch.cuda.is_available() else cores // 4)
 

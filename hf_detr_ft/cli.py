@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .errors import INTERRUPTED_EXIT_CODE, HfDetrFtError, TrainingInterrupted
 
@@ -57,6 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     except (HfDetrFtError, FileExistsError) as err:
         print(f"hf-detr-ft {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _bounded(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` within ``[low, high]``; anything else is a usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= (math.inf if high is None else high):  # also refuses NaN
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+NON_NEGATIVE_INT = _bounded(int, 0)
+SCORE = _bounded(float, 0.0, 1.0)
 
 
 def train(argv: list[str]) -> int:
@@ -111,14 +135,15 @@ def _dataset_parser(command: str) -> argparse.ArgumentParser:
 def inspect(argv: list[str]) -> int:
     parser = _dataset_parser("inspect")
     parser.add_argument("dataset", help="dataset folder or Hugging Face Hub id")
-    parser.add_argument("--num_classes", type=int, help="check the number of classes")
-    parser.add_argument("--preview", type=int, default=0, metavar="N", help="draw N images")
+    parser.add_argument("--num_classes", type=POSITIVE_INT, help="check the number of classes")
+    parser.add_argument(
+        "--preview", type=NON_NEGATIVE_INT, default=0, metavar="N", help="draw N images"
+    )
     parser.add_argument("--output_dir", default="dataset-report", help="where files go")
     args = parser.parse_args(argv)
 
     from .data.dataset import load_detection_dataset
     from .data.dataset_report import build_report
-    from .data.preview import CHART_FILE, save_class_chart, write_preview
 
     data = load_detection_dataset(
         args.dataset,
@@ -132,6 +157,8 @@ def inspect(argv: list[str]) -> int:
     json_path, _ = report.write(args.output_dir)
     print(f"{report.table()}\n\nReport with every problem: {json_path}")
     if args.preview:
+        from .data.preview import CHART_FILE, save_class_chart, write_preview
+
         pictures = write_preview(data, args.output_dir, args.preview)
         chart = save_class_chart(report, f"{args.output_dir}/{CHART_FILE}")
         print(f"Preview: {len(pictures)} pictures in {pictures[0].parent}; chart: {chart}")
@@ -164,7 +191,9 @@ def convert(argv: list[str]) -> int:
 def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-detr-ft demo", description=COMMANDS["demo"])
     parser.add_argument("--output_dir", default="hf-detr-ft-demo", help="where to write everything")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
+    parser.add_argument(
+        "--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the data and the training"
+    )
     args = parser.parse_args(argv)
 
     from .demo import run_demo
@@ -194,7 +223,9 @@ def evaluate(argv: list[str]) -> int:
         action="store_true",
         help="also write predictions_<split>.json: COCO results in the dataset's original ids",
     )
-    parser.add_argument("--batch_size", type=int, default=8, help="images per device per step")
+    parser.add_argument(
+        "--batch_size", type=POSITIVE_INT, default=8, help="images per device per step"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     args = parser.parse_args(argv)
 
@@ -202,6 +233,7 @@ def evaluate(argv: list[str]) -> int:
 
     from accelerate import PartialState
 
+    from .evaluation.evaluate import EVALUATION_FILE
     from .evaluation.evaluate import evaluate as evaluate_model
 
     output_dir = args.output_dir or (args.model if Path(args.model).is_dir() else ".")
@@ -215,7 +247,7 @@ def evaluate(argv: list[str]) -> int:
         device="cpu" if args.cpu else None,
     )
     if PartialState().is_main_process:
-        saved = Path(output_dir) / f"evaluation_{result.split}.json"
+        saved = Path(output_dir) / EVALUATION_FILE.format(split=result.split)
         print(f"\n{result.table()}\n\nSaved to {saved}")
     return 0
 
@@ -224,9 +256,11 @@ def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-detr-ft predict", description=COMMANDS["predict"])
     parser.add_argument("inputs", nargs="+", help="images, folders or globs (quote globs)")
     parser.add_argument("--model", required=True, help="fine-tuned model folder or Hub id")
-    parser.add_argument("--threshold", type=float, default=0.5, help="lowest score kept")
+    parser.add_argument("--threshold", type=SCORE, default=0.5, help="lowest score kept")
     parser.add_argument("--output_dir", default="predictions", help="pictures + predictions.json")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--batch_size", type=POSITIVE_INT, default=8, help="images per forward pass"
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     args = parser.parse_args(argv)
 
@@ -254,7 +288,7 @@ def explain(argv: list[str]) -> int:
     parser.add_argument("image", help="an image file")
     parser.add_argument("--model", required=True, help="fine-tuned model folder or Hub id")
     parser.add_argument("--output", help="the figure's path (default: <image>_attention.png)")
-    parser.add_argument("--top_k", type=int, default=4, help="how many detections to show")
+    parser.add_argument("--top_k", type=POSITIVE_INT, default=4, help="how many detections to show")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     args = parser.parse_args(argv)
 
@@ -273,7 +307,9 @@ def report(argv: list[str]) -> int:
     parser.add_argument(
         "--dataset_dir", help="its dataset, for sample_predictions.png (validation images)"
     )
-    parser.add_argument("--num_samples", type=int, default=4, help="validation images to show")
+    parser.add_argument(
+        "--num_samples", type=NON_NEGATIVE_INT, default=4, help="validation images to show"
+    )
     args = parser.parse_args(argv)
 
     from .artifacts.training_report import write_training_report

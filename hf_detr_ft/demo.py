@@ -21,7 +21,8 @@ from .run import finetune
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo_detr"
 _MARKER = ".hf-detr-ft-demo"
 
-#: Measured to show clear learning in a few minutes on 2 CPU cores (see docs/demo.md).
+#: Small images and a short schedule: enough for clear learning on a CPU (measured in
+#: docs/demo.md).
 DEMO_SETTINGS = {
     "image_size": 128,
     "max_image_size": 128,

@@ -1,8 +1,9 @@
-"""User-facing errors.
+"""User-facing errors, all of them in one place.
 
-Each error here describes a mistake the user can fix (a wrong folder, a class count that does
-not match the data, a model that cannot be reached). The CLI prints them as one clear message
-instead of a traceback; library callers can catch them by type.
+Each error here describes something the user can fix or must know (a wrong folder, a class
+count that does not match the data, a model that cannot be reached, a run that diverged). The
+CLI prints them as one line and a non-zero exit code instead of a traceback; library callers
+catch them by type (all derive from :class:`HfDetrFtError`).
 """
 
 
@@ -20,6 +21,26 @@ class ArgumentError(HfDetrFtError, ValueError):
 
 class ModelLoadError(HfDetrFtError):
     """The starting checkpoint cannot be loaded."""
+
+
+class InputError(HfDetrFtError):
+    """The images to run the model on cannot be found."""
+
+
+class PreflightError(HfDetrFtError):
+    """A pre-flight check found a problem that makes training pointless as configured."""
+
+
+class TrainingDivergedError(HfDetrFtError):
+    """The training loss became NaN or infinite; training was stopped without saving it."""
+
+
+class ReportError(HfDetrFtError):
+    """There is no training history to report on."""
+
+
+class HubError(HfDetrFtError):
+    """The model could not be published; the local files are not affected."""
 
 
 #: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.

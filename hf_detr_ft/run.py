@@ -20,11 +20,12 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import TrainOutput
 
 from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
 from .artifacts.model_card import CardContext, ModelCardCallback, training_hyperparameters
 from .artifacts.training_report import write_training_report
-from .data.dataset import load_detection_dataset
+from .data.dataset import DetectionDataset, load_detection_dataset
 from .data.dataset_report import build_report
 from .errors import DatasetError, TrainingInterrupted
 from .models.loading import DEFAULT_MODEL, load_image_processor, load_model
@@ -63,6 +64,26 @@ def run_training(
     ``callbacks`` are added to the Trainer's own (e.g. early stopping, custom logging).
     """
     set_seed(training_args.seed)
+    data = _load_data(data_args, training_args)
+    run = _build(data, model_args, data_args, training_args, callbacks)
+    train_result = _train(run)
+    return _finish(run, train_result)
+
+
+@dataclass
+class _Run:
+    """What the steps of :func:`run_training` hand on: the data, the Trainer, its callbacks."""
+
+    data: DetectionDataset
+    splits: dict[str, Dataset]  # train, validation, and the final evaluation's split
+    eval_transform: DetrTransform
+    trainer: DetrTrainer
+    card: ModelCardCallback
+    interrupt: StopOnInterrupt
+
+
+def _load_data(data_args: DataArguments, training_args: DetrTrainingArguments) -> DetectionDataset:
+    """The dataset, checked, with its report written before any model is loaded."""
     data = load_detection_dataset(
         data_args.dataset_dir,
         data_args.num_classes,
@@ -74,10 +95,21 @@ def run_training(
     )
     if "validation" not in data.splits:
         raise DatasetError(f"{data.root} has no validation split; set validation_fraction > 0.")
-    report = build_report(data)  # checked and written before any model is loaded
+    report = build_report(data)
     logger.info("Dataset report:\n%s", report.table())
     if training_args.process_index == 0:
         report.write(training_args.output_dir)
+    return data
+
+
+def _build(
+    data: DetectionDataset,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DetrTrainingArguments,
+    callbacks: Sequence[TrainerCallback],
+) -> _Run:
+    """Model, transforms and Trainer; pre-flight stops here if the run cannot work."""
     image_processor = load_image_processor(
         model_args.model_name_or_path,
         image_size=data_args.image_size,
@@ -92,7 +124,12 @@ def run_training(
         num_queries=model_args.num_queries,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
-
+    splits = {
+        "train": _first(data.splits["train"], data_args.max_train_samples),
+        "validation": _first(data.splits["validation"], data_args.max_eval_samples),
+        data.eval_split: _first(data.splits[data.eval_split], data_args.max_eval_samples),
+    }
+    run_preflight(splits, model.config, data_args, training_args)
     train_transform = DetrTransform.for_training(
         image_processor,
         seed=training_args.seed,
@@ -100,76 +137,89 @@ def run_training(
         image_cache_mb=data_args.image_cache_mb,
     )
     eval_transform = DetrTransform.for_evaluation(image_processor)
-    train_dataset = _first(data.splits["train"], data_args.max_train_samples)
-    validation = _first(data.splits["validation"], data_args.max_eval_samples)
-    final_split = _first(data.splits[data.eval_split], data_args.max_eval_samples)
-    # Before any training: stops here (PreflightError) when the run cannot work as configured.
-    run_preflight(
-        {"train": train_dataset, "validation": validation, data.eval_split: final_split},
-        model.config,
-        data_args,
-        training_args,
-    )
-    signals = TrainingSignalsCallback(
-        training_args.not_learning_check_after,
-        stop_if_not_learning=training_args.stop_if_not_learning,
-    )
-    card = ModelCardCallback(
-        CardContext(
-            class_names=data.class_names,
-            eval_split=data.eval_split,
-            base_model=model_args.model_name_or_path,
-            dataset_name=training_args.hub_dataset_id,
-            dataset_dir=data_args.dataset_dir,
-            license=training_args.hub_license,
-            splits={"train": train_dataset, "validation": validation, data.eval_split: final_split},
-            hyperparameters=training_hyperparameters(
-                training_args,
-                image_size=data_args.image_size,
-                max_image_size=data_args.max_image_size,
-            ),
-        )
-    )
+    card = ModelCardCallback(_card_context(data, splits, model_args, data_args, training_args))
     interrupt = StopOnInterrupt()
     trainer = DetrTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_transform.apply_to(train_dataset),
-        eval_dataset=eval_transform.apply_to(validation),
+        train_dataset=train_transform.apply_to(splits["train"]),
+        eval_dataset=eval_transform.apply_to(splits["validation"]),
         processing_class=image_processor,
         data_collator=collate_fn,
         callbacks=[
             card,
-            signals,
+            TrainingSignalsCallback(
+                training_args.not_learning_check_after,
+                stop_if_not_learning=training_args.stop_if_not_learning,
+            ),
             AugmentationEpochCallback(train_transform),
             interrupt,
             *callbacks,
         ],
     )
     card.repo_id = trainer.hub_model_id  # the full id of the repo, when pushing
+    return _Run(data, splits, eval_transform, trainer, card, interrupt)
 
-    with interrupt.catching_sigint():
-        train_result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(training_args))
-    if interrupt.stopped_at is not None:
-        raise TrainingInterrupted(interrupt.message(training_args.output_dir))
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
+
+def _card_context(
+    data: DetectionDataset,
+    splits: dict[str, Dataset],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DetrTrainingArguments,
+) -> CardContext:
+    return CardContext(
+        class_names=data.class_names,
+        eval_split=data.eval_split,
+        base_model=model_args.model_name_or_path,
+        dataset_name=training_args.hub_dataset_id,
+        dataset_dir=data_args.dataset_dir,
+        license=training_args.hub_license,
+        splits=splits,
+        hyperparameters=training_hyperparameters(
+            training_args,
+            image_size=data_args.image_size,
+            max_image_size=data_args.max_image_size,
+        ),
+    )
+
+
+def _train(run: _Run) -> TrainOutput:
+    """Train (resuming the newest complete checkpoint); Ctrl-C saves and stops cleanly."""
+    trainer, args = run.trainer, run.trainer.args
+    with run.interrupt.catching_sigint():
+        result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
+    if run.interrupt.stopped_at is not None:
+        raise TrainingInterrupted(run.interrupt.message(args.output_dir))
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
     trainer.save_state()
+    return result
 
-    metrics = trainer.evaluate(eval_transform.apply_to(final_split), metric_key_prefix="eval")
+
+def _finish(run: _Run, train_result: TrainOutput) -> FinetuneResult:
+    """Final evaluation, the saved model, its report and card, then the Hub.
+
+    Every process saves the model first: under FSDP or ZeRO-3 saving gathers the sharded
+    weights, so it must come before anything that only the main process does. The sample
+    predictions of the report then run on the saved model, read back from disk, never on
+    the (possibly sharded) training model, whose forward would wait for the other processes.
+    The upload comes last, so that a failed upload leaves a complete output_dir behind.
+    """
+    trainer, args, data = run.trainer, run.trainer.args, run.data
+    final_split = run.eval_transform.apply_to(run.splits[data.eval_split])
+    metrics = trainer.evaluate(final_split, metric_key_prefix="eval")
     trainer.log_metrics(f"eval ({data.eval_split} split)", metrics)
-    output_dir = Path(training_args.output_dir)
-    card.final_metrics = metrics
+    trainer.save_model(_internal_call=True)  # the Trainer's flag for "do not push yet"
+    output_dir = Path(args.output_dir)
+    run.card.final_metrics = metrics
     if trainer.is_world_process_zero():
         summary = {"eval_split": data.eval_split, "class_names": data.class_names, **metrics}
         (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        card.write(training_args, trainer.state)
-        write_training_report(output_dir, validation, trainer.model, image_processor)
-    # Last, so that a failed upload (hub.HubError) leaves a complete output_dir behind.
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="End of training")  # saves the model, then uploads
-    else:
-        trainer.save_model()
+        write_training_report(output_dir, run.splits["validation"])
+        run.card.write(args, trainer.state)
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training", save=False)
     return FinetuneResult(
         output_dir=output_dir,
         metrics=metrics,

@@ -22,8 +22,9 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 from transformers import pipeline
 
-from hf_detr_ft.artifacts.hub import HubError, push_output_dir
+from hf_detr_ft.artifacts.hub import push_output_dir
 from hf_detr_ft.cli import main as cli_main
+from hf_detr_ft.errors import HubError
 from hf_detr_ft.run import METRICS_FILE, finetune
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"

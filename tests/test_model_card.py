@@ -23,11 +23,10 @@ from hf_detr_ft.artifacts.model_card import (
     ModelCardCallback,
     write_model_card,
 )
+from hf_detr_ft.data.splits import ROBOFLOW_FOLDERS as SPLIT_FOLDERS
 from hf_detr_ft.data.synthetic import DEMO_CLASSES
 from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS
 from hf_detr_ft.run import METRICS_FILE, finetune
-
-SPLIT_FOLDERS = {"train": "train", "validation": "valid", "test": "test"}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,12 @@
-"""Folded frozen BatchNorms and channels-last weights: same outputs, gradients and state dict."""
+"""Folded frozen BatchNorms and channels-last weights: same outputs, gradients and state dict;
+a sped-up model still pickles; a renamed transformers layer skips only its own speed-up."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,9 @@ from conftest import tiny_detr_config
 from torch import nn
 from transformers import DetrConfig, DetrForObjectDetection
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+from transformers.models.resnet import modeling_resnet
 
+from hf_detr_ft.models import speedups
 from hf_detr_ft.models.loading import freeze_backbone_stem
 from hf_detr_ft.models.speedups import (
     FrozenNormConv2d,
@@ -200,3 +206,48 @@ def test_the_check_runs_without_tf32_on_a_gpu_and_restores_it() -> None:
     finally:
         for f, value in zip(flags, saved):
             f.allow_tf32 = value
+
+
+def test_a_sped_up_model_pickles_and_deep_copies(tmp_path: Path) -> None:
+    model = small_detr("transformers").eval()
+    apply_speedups(model)
+    pixels = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for twin in (loaded, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        convs = [m for m in twin.modules() if isinstance(m, FrozenNormConv2d)]
+        assert len(convs) == len(frozen_norms(model)) > 0
+        own_norms = set(frozen_norms(twin))
+        assert all(conv.__dict__["folded_norm"] in own_norms for conv in convs)
+        with torch.no_grad():
+            assert torch.equal(twin.eval()(pixel_values=pixels).logits, expected)
+
+
+def test_without_transformers_resnet_layers_the_inplace_relus_are_skipped_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As if transformers renamed a layer: importing the module still works, the speed-up is
+    # skipped with one log line, and the rest still applies. The models are built first, as
+    # transformers' own ResNet code uses the name.
+    models = [small_detr("transformers").eval() for _ in range(2)]
+    reference = copy.deepcopy(models[0])
+    monkeypatch.delattr(modeling_resnet, "ResNetBasicLayer")
+    spec = importlib.util.spec_from_file_location("fresh_speedups", speedups.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)  # a fresh import of the module, without the name
+    caplog.set_level(logging.INFO)
+    for model in models:
+        fresh.apply_speedups(model)
+    relus = [m for model in models for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert relus and not any(relu.inplace for relu in relus)
+    assert any(type(m).__name__ == "FrozenNormConv2d" for m in models[0].modules())
+    pixels = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            models[0](pixel_values=pixels).logits, reference.eval()(pixel_values=pixels).logits
+        )
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1
+    assert "in-place ReLU" in skipped[0] and "ResNetBasicLayer" in skipped[0]

@@ -11,13 +11,12 @@ from PIL import Image
 
 from hf_detr_ft.arguments import DataArguments, DetrTrainingArguments
 from hf_detr_ft.data.dataset import load_detection_dataset
-from hf_detr_ft.errors import HfDetrFtError
+from hf_detr_ft.errors import HfDetrFtError, PreflightError
 from hf_detr_ft.models.loading import load_image_processor, load_model
 from hf_detr_ft.pipeline.transforms import DetrTransform
 from hf_detr_ft.run import finetune
 from hf_detr_ft.training.preflight import (
     PREFLIGHT_REPORT,
-    PreflightError,
     preflight_checks,
     run_preflight,
 )

@@ -20,8 +20,9 @@ from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 
 from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.errors import TrainingDivergedError
 from hf_detr_ft.run import finetune
-from hf_detr_ft.training.signals import TrainingDivergedError, TrainingSignalsCallback
+from hf_detr_ft.training.signals import TrainingSignalsCallback
 from hf_detr_ft.training.trainer import (
     DetrTrainer,
     add_training_signals,

@@ -328,6 +328,7 @@ def test_report_table_files_and_inspect_preview(tmp_path: Path, capsys) -> None:
         "boxes": 1,
         "images_without_boxes": 0,
         "boxes_per_class": {"thing": 1, "other": 0},
+        "images_per_class": {"thing": 1, "other": 0},
     }
     [dropped] = report["problems"]["train"]
     assert dropped["kind"] == "dropped" and dropped["record"].startswith("annotation 1")

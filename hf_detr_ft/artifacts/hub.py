@@ -24,7 +24,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..errors import HfDetrFtError
+from ..errors import HubError
 from ..training.checkpoints import last_complete_checkpoint
 from .model_card import CARD_FILE
 
@@ -34,10 +34,6 @@ ALLOW_PATTERNS = ["*.safetensors", "*.json", CARD_FILE, "*.png", "*.jpg"]
 IGNORE_PATTERNS = ["checkpoint-*", "last-checkpoint*", "runs/*", "_*", ".*"]
 CHECKPOINT_PATH_IN_REPO = "last-checkpoint"
 DEFAULT_COMMIT_MESSAGE = "Upload fine-tuned DETR (hf-detr-ft)"
-
-
-class HubError(HfDetrFtError):
-    """The model could not be published; the local files are not affected."""
 
 
 def push_output_dir(

@@ -14,7 +14,6 @@ reader what the model detects and how well (per-class AP), how it was trained, o
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +25,15 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..arguments import effective_batch_size
+from ..data.dataset_report import REPORT_JSON, split_stats
 from ..evaluation.coco_metrics import SUMMARY_METRICS
+from .training_report import SAMPLES_PLOT
 
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 EXAMPLE_IMAGE = "example.jpg"
-SAMPLE_PREDICTIONS = "sample_predictions.png"
-DATASET_REPORT = "dataset_report.json"
 TAGS = ["object-detection", "detr", "vision", "hf-detr-ft"]
 PLACEHOLDER_REPO_ID = "your-username/your-model"
 
@@ -153,13 +153,11 @@ def dataset_summary(splits: Mapping[str, Dataset], class_names: list[str]) -> di
     """Images, boxes and boxes per class of each split (reads only the ``objects`` column)."""
     summary = {}
     for split, data in splits.items():
-        per_class = Counter(
-            category for objects in data["objects"] for category in objects["category"]
-        )
+        stats = split_stats(data, class_names)
         summary[split] = {
-            "images": len(data),
-            "boxes": sum(per_class.values()),
-            "boxes_per_class": {name: per_class[i] for i, name in enumerate(class_names)},
+            "images": stats.images,
+            "boxes": stats.boxes,
+            "boxes_per_class": stats.boxes_per_class,
         }
     return summary
 
@@ -275,8 +273,8 @@ def build_model_card(
             )
             for name in context.class_names
         ],
-        has_sample_predictions=(output_dir / SAMPLE_PREDICTIONS).is_file(),
-        sample_predictions=SAMPLE_PREDICTIONS,
+        has_sample_predictions=(output_dir / SAMPLES_PLOT).is_file(),
+        sample_predictions=SAMPLES_PLOT,
         split_rows=[
             (
                 split,
@@ -286,8 +284,8 @@ def build_model_card(
             )
             for split, counts in summary.items()
         ],
-        has_dataset_report=(output_dir / DATASET_REPORT).is_file(),
-        dataset_report=DATASET_REPORT,
+        has_dataset_report=(output_dir / REPORT_JSON).is_file(),
+        dataset_report=REPORT_JSON,
         hyperparameters=list(context.hyperparameters.items()),
         history_rows=_history_rows(log_history or []),
     )
@@ -433,9 +431,7 @@ def training_hyperparameters(
     args: TrainingArguments, *, image_size: int, max_image_size: int
 ) -> dict[str, Any]:
     """The settings a reader needs to reproduce the run, in the order the card lists them."""
-    total_batch = (
-        args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    )
+    total_batch = effective_batch_size(args)
     length = {"max_steps": args.max_steps} if args.max_steps > 0 else {}
     ema_decay = getattr(args, "ema_decay", 0.0)
     average = {"ema_decay": ema_decay, "ema_tau": args.ema_tau} if ema_decay else {}

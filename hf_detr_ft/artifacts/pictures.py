@@ -1,4 +1,9 @@
-"""Pictures of detections: boxes drawn with torchvision, laid out with matplotlib."""
+"""Pictures of detections: boxes drawn with torchvision, laid out with matplotlib.
+
+Figures are made with ``matplotlib.figure.Figure``, not ``pyplot``: they are only ever saved
+to files, so no GUI backend is needed, and the package never calls ``matplotlib.use``, which
+would change the backend for the user's own plots (inline plots in a notebook).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.ops import box_convert  # noqa: E402
-from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
-from torchvision.utils import draw_bounding_boxes  # noqa: E402
+import numpy as np
+import torch
+from matplotlib import font_manager
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.ops import box_convert
+from torchvision.transforms.functional import pil_to_tensor
+from torchvision.utils import draw_bounding_boxes
 
 _LABEL_FONT = font_manager.findfont("DejaVu Sans")
 
@@ -39,7 +41,7 @@ class Boxes:
 
 def class_colors(num_classes: int) -> list[str]:
     """One distinct colour per class (matplotlib's tab10/tab20), as hex strings."""
-    cmap = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(num_classes)]
 
 
@@ -86,7 +88,7 @@ def save_comparison_grid(
 ) -> Path:
     """One row per image: ground truth on the left, predictions on the right."""
     rows = len(images)
-    fig, axes = plt.subplots(rows, 2, figsize=(8, 4 * rows), squeeze=False)
+    fig, axes = subplots(rows, 2, figsize=(8, 4 * rows), squeeze=False)
     for row, (image, truth, predicted) in enumerate(zip(images, ground_truth, predictions)):
         for ax, boxes, name in (
             (axes[row, 0], truth, "ground truth"),
@@ -101,10 +103,17 @@ def save_comparison_grid(
     return save_figure(fig, path)
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Write a matplotlib figure as a PNG (creating its folder) and free it."""
+def subplots(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **kwargs: Any
+) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` without pyplot: a figure that no backend or figure manager holds."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure as a PNG, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -25,11 +25,11 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..errors import HfDetrFtError
+from ..errors import ReportError
 from ..inference.detect import detect
 from ..inference.predict import load_detector
-from ..training.checkpoints import last_complete_checkpoint
-from .pictures import Boxes, plt, save_comparison_grid, save_figure
+from ..training.checkpoints import TRAINER_STATE_NAME, last_complete_checkpoint
+from .pictures import Boxes, save_comparison_grid, save_figure, subplots
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +45,12 @@ LOSS_PANELS = {
 MAP_CURVES = {"eval_map": "mAP@[.5:.95]", "eval_map_50": "mAP@.5", "eval_map_75": "mAP@.75"}
 
 
-class ReportError(HfDetrFtError):
-    """There is no training history to report on."""
-
-
 def read_log_history(output_dir: str | Path) -> list[dict[str, Any]]:
     """``log_history`` of ``output_dir/trainer_state.json``, else of its newest checkpoint."""
     root = Path(output_dir)
-    state = root / "trainer_state.json"
+    state = root / TRAINER_STATE_NAME
     if not state.is_file() and (last := last_complete_checkpoint(root, with_optimizer=False)):
-        state = Path(last) / "trainer_state.json"
+        state = Path(last) / TRAINER_STATE_NAME
     if not state.is_file():
         raise ReportError(
             f"No trainer_state.json in {root} or its checkpoints; is it the output_dir of a run?"
@@ -72,7 +68,7 @@ def plot_training_curves(
     evals = [e for e in log_history if "eval_loss" in e and "epoch" in e]
     written = []
     if train or evals:
-        fig, axes = plt.subplots(1, len(LOSS_PANELS), figsize=(4.5 * len(LOSS_PANELS), 4))
+        fig, axes = subplots(1, len(LOSS_PANELS), figsize=(4.5 * len(LOSS_PANELS), 4))
         for ax, (term, title) in zip(axes, LOSS_PANELS.items()):
             _curve(ax, train, term, "train", marker=".")
             _curve(ax, evals, f"eval_{term}", "eval", marker="o")
@@ -83,7 +79,7 @@ def plot_training_curves(
         fig.tight_layout()
         written.append(save_figure(fig, out / LOSSES_PLOT))
     if any("eval_map" in e for e in evals):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots(figsize=(6, 4))
         for key, label in MAP_CURVES.items():
             _curve(ax, evals, key, label, marker="o")
         ax.set(title="COCO mAP on the validation split", xlabel="epoch", ylim=(0, 1))

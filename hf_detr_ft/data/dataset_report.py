@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
 from datasets import Image as ImageFeature
 
 from .dataset import DetectionDataset
@@ -33,6 +34,29 @@ class SplitStats:
     boxes: int
     images_without_boxes: int
     boxes_per_class: dict[str, int]
+    images_per_class: dict[str, int]
+
+
+def split_stats(split: Dataset, class_names: list[str], *, count_crowd: bool = True) -> SplitStats:
+    """Images, boxes and per-class counts of ``split``, reading only its ``objects`` column.
+
+    ``count_crowd=False`` leaves out crowd boxes, which DETR's targets drop (pre-flight counts
+    what training learns from; the report and the model card count what the dataset holds).
+    """
+    boxes_per_class, images_per_class, without = Counter(), Counter(), 0
+    for objects in split.select_columns(["objects"])["objects"]:
+        crowd = objects.get("iscrowd") or [0] * len(objects["category"])
+        kept = [c for c, is_crowd in zip(objects["category"], crowd) if count_crowd or not is_crowd]
+        boxes_per_class.update(kept)
+        images_per_class.update(set(kept))
+        without += not kept
+    return SplitStats(
+        images=len(split),
+        boxes=sum(boxes_per_class.values()),
+        images_without_boxes=without,
+        boxes_per_class={name: boxes_per_class[i] for i, name in enumerate(class_names)},
+        images_per_class={name: images_per_class[i] for i, name in enumerate(class_names)},
+    )
 
 
 @dataclass
@@ -109,14 +133,7 @@ def build_report(data: DetectionDataset) -> DatasetReport:
     names = data.class_names
     splits, files = {}, {}
     for split, dataset in data.splits.items():
-        per_class, without, boxes = Counter(), 0, 0
-        for objects in dataset.select_columns(["objects"])["objects"]:
-            per_class.update(objects["category"])
-            boxes += len(objects["category"])
-            without += not objects["category"]
-        splits[split] = SplitStats(
-            len(dataset), boxes, without, {n: per_class[i] for i, n in enumerate(names)}
-        )
+        splits[split] = split_stats(dataset, names)
         images = dataset.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
         files[split] = {row["image"]["path"] for row in images if row["image"]["path"]}
 

@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 EXIF_ORIENTATION = 0x0112
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -123,10 +121,10 @@ def decode_for_resize(
     ``resized_size`` maps the displayed ``(width, height)`` to the size the image will be
     resized to (``None``: unknown). A JPEG at least twice as large as that is decoded at the
     smallest scale of 1/2, 1/4 or 1/8 that still covers it (Pillow's ``draft``: the scaling
-    happens inside the JPEG decoder, 3-6x faster for phone photos than decoding all pixels
-    and resizing). Other RGB and grayscale JPEGs not turned by EXIF are decoded by
-    torchvision (libjpeg-turbo as in Pillow): a 640x480 photo 1.5 -> 0.9 ms with the copy into
-    an array. Anything else decodes with Pillow.
+    happens inside the JPEG decoder, which then never decodes the pixels that resizing would
+    throw away). Other RGB and grayscale JPEGs not turned by EXIF are decoded by
+    torchvision (libjpeg-turbo as in Pillow, without Pillow's per-image overhead; measured in
+    benchmarks/README.md). Anything else decodes with Pillow.
     Returns the RGB pixels, ``(H, W, 3)`` uint8, and the displayed full size, which
     annotations refer to.
     """
@@ -163,7 +161,15 @@ def _torchvision_decodes(image: Image.Image, orientation: int) -> bool:
 
 def _decode_with_torchvision(source: str | bytes) -> np.ndarray | None:
     """``(H, W, 3)`` uint8 pixels, or ``None`` where torchvision refuses the file (truncated,
-    say, or 16 bits per channel): Pillow then decodes it or says what is wrong."""
+    say, or 16 bits per channel): Pillow then decodes it or says what is wrong.
+
+    torch and torchvision are imported here, not with the module: loading and checking a
+    dataset (``inspect``, ``convert``) never decodes with them, and importing them loads
+    torch's large native libraries.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
     encoded = (
         read_file(source)
         if isinstance(source, str)

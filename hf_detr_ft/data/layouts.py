@@ -9,7 +9,7 @@ Two COCO folder layouts are common in the wild:
   ``custom_{train,val,test}.json``, the layout of DETR's fine-tuning tutorials) with images in
   ``train2017/``, ``val2017/``, ...
 
-Split names are normalised to ``train``, ``validation`` and ``test``.
+Split names are normalised by :mod:`.splits`.
 """
 
 from __future__ import annotations
@@ -19,19 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
+from .splits import canonical_split
 
 ROBOFLOW_ANNOTATION_FILE = "_annotations.coco.json"
 LAYOUTS = ("auto", "roboflow", "coco")
 
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "val": "validation",
-    "valid": "validation",
-    "validation": "validation",
-    "test": "test",
-    "testing": "test",
-}
 # instances_train2017.json, custom_val.json, instances_valid.json, ...
 _COCO_ANNOTATION_NAME = re.compile(r"^(?:instances|custom)_(?P<split>[a-z]+)(?P<year>\d*)\.json$")
 
@@ -84,7 +76,7 @@ def _roboflow_splits(root: Path) -> list[SplitFiles]:
         return [SplitFiles("train", root / ROBOFLOW_ANNOTATION_FILE, root)]
     splits = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        split = SPLIT_ALIASES.get(folder.name.lower())
+        split = canonical_split(folder.name)
         if split and (folder / ROBOFLOW_ANNOTATION_FILE).is_file():
             splits.append(SplitFiles(split, folder / ROBOFLOW_ANNOTATION_FILE, folder))
     return splits
@@ -97,7 +89,7 @@ def _coco_splits(root: Path) -> list[SplitFiles]:
     splits = []
     for path in sorted(annotation_dir.glob("*.json")):
         match = _COCO_ANNOTATION_NAME.match(path.name)
-        split = match and SPLIT_ALIASES.get(match["split"])
+        split = match and canonical_split(match["split"])
         if split:
             image_dir = _coco_image_dir(root, match["split"], match["year"], path)
             splits.append(SplitFiles(split, path, image_dir))

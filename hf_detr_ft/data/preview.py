@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..artifacts.pictures import Boxes, class_colors, draw_boxes, plt, save_figure
+from ..artifacts.pictures import Boxes, class_colors, draw_boxes, save_figure, subplots
 from .dataset import DetectionDataset
 from .dataset_report import DatasetReport
 
@@ -43,7 +43,7 @@ def write_preview(data: DetectionDataset, output_dir: str | Path, count: int) ->
 def save_class_chart(report: DatasetReport, path: str | Path) -> Path:
     """A bar chart of the boxes per class, one bar per split."""
     names, splits = report.class_names, list(report.splits)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * len(splits)), 4))
+    fig, ax = subplots(figsize=(max(6, 0.6 * len(names) * len(splits)), 4))
     width = 0.8 / len(splits)
     positions = np.arange(len(names))
     for i, (split, color) in enumerate(zip(splits, class_colors(len(splits)))):

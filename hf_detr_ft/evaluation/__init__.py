@@ -1,5 +1,6 @@
 """Stage 5, evaluation: detections -> COCO metrics (pycocotools), overall and per class.
 
-coco_metrics   ``CocoEvaluator``: post-processed detections -> the 12 COCO numbers
-evaluate       a fine-tuned model on one split of a dataset (``hf-detr-ft evaluate``)
+coco_metrics        ``CocoEvaluator``: post-processed detections -> the 12 COCO numbers
+coco_metric_module  the same metric as an ``evaluate`` module (``evaluate.load(path)``)
+evaluate            a fine-tuned model on one split of a dataset (``hf-detr-ft evaluate``)
 """

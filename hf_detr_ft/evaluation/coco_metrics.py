@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,12 +45,24 @@ def coco_ground_truth(dataset: Dataset) -> COCO:
     Category ids are the contiguous class indices the model predicts.
     """
     raw = dataset.with_format(None).select_columns(["image_id", "width", "height", "objects"])
-    class_names = raw.features["objects"]["category"].feature.names
-    images, annotations = [], []
-    for image_id, width, height, objects in zip(
-        raw["image_id"], raw["width"], raw["height"], raw["objects"]
-    ):
-        images.append({"id": image_id, "width": width, "height": height})
+    images = [
+        {"id": image_id, "width": width, "height": height}
+        for image_id, width, height in zip(raw["image_id"], raw["width"], raw["height"])
+    ]
+    return coco_index(images, raw["objects"], raw.features["objects"]["category"].feature.names)
+
+
+def coco_index(
+    images: Sequence[dict[str, Any]],
+    objects_per_image: Iterable[Mapping[str, Sequence[Any]]],
+    class_names: Sequence[str],
+) -> COCO:
+    """A pycocotools ``COCO`` index: ``images[i]`` (``id``, ...) holds the boxes
+    ``objects_per_image[i]`` (lists, one item a box: ``bbox`` as xywh pixels, ``category``, the
+    class index, ``area``, ``iscrowd``)."""
+    annotations = []
+    for image, objects in zip(images, objects_per_image):
+        image_id = image["id"]
         for bbox, category, area, crowd in zip(
             objects["bbox"], objects["category"], objects["area"], objects["iscrowd"]
         ):
@@ -66,7 +78,7 @@ def coco_ground_truth(dataset: Dataset) -> COCO:
             )
     coco = COCO()
     coco.dataset = {
-        "images": images,
+        "images": list(images),
         "annotations": annotations,
         "categories": [{"id": i, "name": name} for i, name in enumerate(class_names)],
     }
@@ -103,13 +115,15 @@ class CocoEvaluator:
             )
             self.detections[int(image_id)] = rows.astype(np.float32)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, *, gather: bool = True) -> dict[str, float]:
         """Gather detections from all processes and run COCOeval (same result on each).
 
         Afterwards every process holds the detections of all images, for :meth:`results`.
+        ``gather=False``: only this process's detections, no collective call (for callers that
+        gathered them already, e.g. the ``evaluate`` module in ``coco_metric_module``).
         """
         merged: dict[int, np.ndarray] = {}
-        for part in gather_object([self.detections]):
+        for part in gather_object([self.detections]) if gather else [self.detections]:
             merged.update(part)
         missing = set(self.ground_truth.getImgIds()) - merged.keys()
         if missing:

@@ -23,7 +23,8 @@ from typing import Any
 
 from ..arguments import DetrTrainingArguments
 from ..data.dataset import load_detection_dataset
-from ..errors import DatasetError
+from ..data.splits import canonical_split
+from ..errors import ArgumentError, DatasetError
 from ..inference.predict import load_detector
 from ..pipeline.collate import collate_fn
 from ..pipeline.transforms import DetrTransform
@@ -31,6 +32,9 @@ from ..training.trainer import DetrTrainer
 from .coco_metrics import SUMMARY_METRICS, CocoEvaluator
 
 logger = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation_{split}.json"
+PREDICTIONS_FILE = "predictions_{split}.json"
 
 #: ``COCOeval.summarize()``'s description of each of its 12 numbers.
 SUMMARY_LABELS = {
@@ -48,7 +52,6 @@ SUMMARY_LABELS = {
     "mar_large": "AR  @[IoU=0.50:0.95 | area= large | maxDets=100]",
 }
 LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "cardinality_error")
-_SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
 
 
 @dataclass
@@ -118,8 +121,10 @@ def evaluate(
     ``evaluation_<split>.json`` and, with ``save_predictions``, ``predictions_<split>.json``.
     ``device="cpu"`` forces the CPU; by default the Trainer picks the accelerator.
     """
+    if batch_size < 1:
+        raise ArgumentError(f"batch_size must be at least 1, got {batch_size}.")
     data = load_detection_dataset(dataset_dir, validation_fraction=validation_fraction, seed=seed)
-    split = _SPLIT_ALIASES.get(split, split)
+    split = canonical_split(split) or split
     if split not in data.splits:
         raise DatasetError(f"{data.root} has no {split!r} split; it has {', '.join(data.splits)}.")
     detector, processor = load_detector(model, device="cpu")  # the Trainer places it
@@ -172,10 +177,10 @@ def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> list[P
     """Write ``evaluation_<split>.json`` (and ``predictions_<split>.json`` if kept)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / f"evaluation_{result.split}.json"]
+    written = [out / EVALUATION_FILE.format(split=result.split)]
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if result.predictions is not None:
-        written.append(out / f"predictions_{result.split}.json")
+        written.append(out / PREDICTIONS_FILE.format(split=result.split))
         written[1].write_text(json.dumps(result.predictions) + "\n")
     logger.info("Wrote %s", ", ".join(map(str, written)))
     return written

@@ -37,8 +37,9 @@ def prepare_batch(
     ``images`` are PIL images (converted to RGB) or uint8 RGB tensors (3, H, W), as
     :func:`inference.predict.read_pixels` decodes them; the processor gets tensors either way
     (the same numbers as from PIL), each resized first by
-    :func:`~pipeline.transforms.resize_for_model` (the processor's own resize, faster from
-    the channel-last memory that PIL images and ``read_pixels`` have). ``sizes``: the
+    :func:`~pipeline.transforms.resize_for_model` (the processor's own resize, done on the
+    channel-last memory that PIL images and ``read_pixels`` have, so that nothing is
+    repacked). ``sizes``: the
     ``(height, width)`` the boxes are for, when an image was decoded at a reduced scale
     (default: the images' own).
     """

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..artifacts.pictures import Boxes, draw_boxes, plt, save_figure
+from ..artifacts.pictures import Boxes, draw_boxes, save_figure, subplots
+from ..errors import ArgumentError
 from .predict import load_detector, open_image
 
 
@@ -71,7 +72,7 @@ def explain(
     ``output`` defaults to ``<image stem>_attention.png`` in the current folder.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        raise ArgumentError(f"top_k must be at least 1, got {top_k}.")
     detector, processor = load_detector(model, device=device, attn_implementation="eager")
     picture = open_image(Path(image))
     boxes, maps = attention_maps(detector, processor, picture, top_k)
@@ -80,7 +81,7 @@ def explain(
     columns = len(maps)
     panel = 4.0  # inches per panel, so labels stay readable whatever the image size
     aspect = picture.height / picture.width
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         2, columns, figsize=(panel * columns, 2 * panel * aspect + 0.8), squeeze=False
     )
     extent = (0, picture.width, picture.height, 0)  # stretch each map over the whole image

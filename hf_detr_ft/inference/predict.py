@@ -8,8 +8,9 @@ The pictures, drawn at the input's size, decode every pixel.
 Batches hold images of similar aspect ratio (sorted by their headers; the processor pads each
 batch to its largest image). With the model on a GPU the next batch is decoded in a
 background thread while the model runs; on the CPU batches are read in turn, as the model's
-own threads use every core (a thread running torch beside them slowed predict by a quarter:
-see benchmarks/README.md). Results come back in the order the inputs were given.
+own threads use every core and a reader thread running the processor's torch operations would
+compete with them (measured in benchmarks/README.md). Results come back in the order the
+inputs were given.
 
 With ``output_dir`` it writes, per image, a copy with the boxes, class names
 and scores drawn (:func:`hf_detr_ft.artifacts.pictures.draw_boxes`, one colour per class), and one
@@ -52,7 +53,7 @@ from ..data.image_files import (
     displayed_size,
     eight_bit_png,
 )
-from ..errors import HfDetrFtError, ModelLoadError
+from ..errors import InputError, ModelLoadError
 from ..models.loading import _cannot_load_message, load_image_processor
 from ..models.speedups import apply_speedups
 from ..pipeline.transforms import DetrTransform, channels_last_view
@@ -62,10 +63,6 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.json"
 _PICTURE_SUFFIXES = {".jpg": ".jpg", ".jpeg": ".jpg", ".png": ".png"}  # anything else: PNG
-
-
-class InputError(HfDetrFtError):
-    """The images to run the model on cannot be found."""
 
 
 @dataclass
@@ -159,7 +156,8 @@ def read_pixels(
     (:func:`~hf_detr_ft.data.image_files.decode_for_resize`: camera JPEGs by torchvision,
     and with ``resized_size``, the model's input size for a displayed size as
     :meth:`~pipeline.transforms.DetrTransform.resized_size` gives it, a JPEG at least twice
-    as large as that at 1/2, 1/4 or 1/8 scale: a phone photo several times faster). 16-bit
+    as large as that at 1/2, 1/4 or 1/8 scale, so that the JPEG decoder never decodes the
+    pixels that resizing would throw away). 16-bit
     images go through :func:`open_image`. Unreadable files raise Pillow's error. The tensor
     is a channel-last view, the memory layout that resizes fastest
     (:func:`~hf_detr_ft.pipeline.transforms.resize_for_model`).

@@ -1,7 +1,7 @@
 """Make a loaded detector cheaper to run without changing what it computes or saves.
 
 Three changes, applied by :func:`apply_speedups` to every model the library trains, evaluates
-or predicts with (measured in benchmarks/README.md):
+or predicts with (what each one gains is measured in benchmarks/README.md):
 
 * **Frozen BatchNorm folded into the convolution before it.** DETR's backbone normalises with
   frozen statistics (``DetrFrozenBatchNorm2d``: ``x * scale + shift`` with constant ``scale``
@@ -9,10 +9,15 @@ or predicts with (measured in benchmarks/README.md):
   Folded, the convolution runs with ``weight * scale`` and bias ``shift`` (computed from the
   current parameters at each call, so the weight still trains): one pass instead of three.
   Parameters and buffers stay where they were, so the state dict, checkpoints and the
-  optimizer see exactly the same tensors; only ``forward`` changes.
+  optimizer see exactly the same tensors; only ``forward`` changes. The folded convolution's
+  class, :class:`FrozenNormConv2d`, and the norm's pass-through ``forward`` are module-level
+  names, so a folded model still pickles (``torch.save`` of the whole model) and deep-copies.
 * **In-place ReLUs in transformers' ResNet backbone**, as timm's and torchvision's ResNets
   have: each one overwrites the freshly computed convolution (or residual sum) it follows
   instead of writing a new feature map; nothing else reads that tensor, forward or backward.
+  That holds for the layer classes named in :data:`INPLACE_RELU_LAYERS`; they are looked up
+  when the speed-up is applied, and if transformers no longer has one of them (renamed or
+  moved) the speed-up is skipped with one log line instead of breaking the import.
 * **Channels-last convolution weights** (optional): oneDNN on CPUs and cuDNN with bf16/fp16
   on GPUs run NHWC convolutions faster; PyTorch then runs every convolution channels-last.
 
@@ -25,18 +30,22 @@ model's outputs change, it is undone and the model runs as loaded.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers.models.resnet.modeling_resnet import (
-    ResNetBasicLayer,
-    ResNetBottleNeckLayer,
-    ResNetConvLayer,
-)
 
 logger = logging.getLogger(__name__)
+
+#: Where transformers defines the ResNet layers whose ReLUs may run in place.
+RESNET_MODULE = "transformers.models.resnet.modeling_resnet"
+#: Those layers: conv, norm, activation (``ResNetConvLayer``), or residual added, then
+#: activation (``ResNetBasicLayer``, ``ResNetBottleNeckLayer``).
+INPLACE_RELU_LAYERS = ("ResNetConvLayer", "ResNetBasicLayer", "ResNetBottleNeckLayer")
+#: The reasons a speed-up was skipped for, logged once each per process.
+_reported_skips: set[str] = set()
 
 #: The variance epsilon of transformers' frozen norms (torchvision's has an ``eps`` attribute).
 _FROZEN_NORM_EPS = 1e-5
@@ -76,9 +85,12 @@ def inplace_resnet_activations(model: nn.Module) -> int:
     In those layers (``ResNetConvLayer``: conv, norm, activation; ``ResNetBasicLayer`` and
     ``ResNetBottleNeckLayer``: residual added in place, then activation) the activation's input
     is a new tensor that only the activation reads, so overwriting it changes no output and no
-    gradient; other modules' activations are left as they are.
+    gradient; other modules' activations are left as they are. Returns 0 (and logs why, once)
+    when transformers no longer defines one of those layers.
     """
-    layers = (ResNetConvLayer, ResNetBasicLayer, ResNetBottleNeckLayer)
+    layers = _resnet_layer_classes()
+    if layers is None:
+        return 0
     activations = [
         module.activation
         for module in model.modules()
@@ -87,6 +99,31 @@ def inplace_resnet_activations(model: nn.Module) -> int:
     for activation in activations:
         activation.inplace = True
     return len(activations)
+
+
+def _resnet_layer_classes() -> tuple[type[nn.Module], ...] | None:
+    """The classes of :data:`INPLACE_RELU_LAYERS`, or None if transformers lacks one: the
+    in-place argument was made for those classes' code, so a renamed or restructured module
+    is not assumed to be safe."""
+    try:
+        module = importlib.import_module(RESNET_MODULE)
+    except ImportError:
+        module = None
+    classes = [getattr(module, name, None) for name in INPLACE_RELU_LAYERS]
+    missing = [name for name, cls in zip(INPLACE_RELU_LAYERS, classes) if cls is None]
+    if missing:
+        _log_skip_once(
+            f"Speed-up skipped: in-place ReLUs in transformers' ResNet backbone "
+            f"({RESNET_MODULE} has no {', '.join(missing)})."
+        )
+        return None
+    return tuple(classes)
+
+
+def _log_skip_once(message: str) -> None:
+    if message not in _reported_skips:
+        _reported_skips.add(message)
+        logger.warning(message)
 
 
 def fold_frozen_batchnorm(model: nn.Module) -> int:

@@ -5,8 +5,8 @@ does; it wastes far fewer pixels when images have different shapes. Padding goes
 bottom and right, so boxes (normalised to each image's own size) need no change.
 
 The mask is uint8, not the image processor's int64: DETR only interpolates it as floats, and
-at DETR's 800x1333 a batch of 8 int64 masks is 68 MB to allocate (38 ms on a CPU core, against
-1 ms), pin and copy to the GPU (benchmarks/README.md).
+at DETR's 800x1333 a batch of 8 int64 masks is 68 MB to allocate, pin and copy to the GPU,
+eight times the uint8 mask (measured in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, Any]:
     images = [example["pixel_values"] for example in examples]
     height = max(image.shape[-2] for image in images)
     width = max(image.shape[-1] for image in images)
-    # Written once: each image, then zeros only where it does not reach (1.3-1.6x faster
-    # than zeroing the whole batch first).
+    # Written once: each image, then zeros only where it does not reach, instead of zeroing
+    # the whole batch first and then writing most of it again.
     pixel_values = images[0].new_empty((len(images), images[0].shape[0], height, width))
     pixel_mask = torch.zeros((len(images), height, width), dtype=torch.uint8)
     for i, image in enumerate(images):

@@ -3,8 +3,8 @@
 Training augments every image anew each epoch, but what comes before the augmentation, the
 file decoded to pixels at the size the model needs
 (:func:`~hf_detr_ft.data.image_files.decode_for_resize`), is the same every epoch. On a CPU
-without DataLoader workers (the default there) decoding is part of every step: 1-1.5 ms for
-a 640x480 JPEG, 6-7 ms for a PNG of that size.
+without DataLoader workers (the default there) decoding is part of every step, PNGs most of
+all (measured in benchmarks/README.md).
 
 Only the training loop's own process caches. A DataLoader worker (the GPU default) holds a
 copy of the transform that ends with the epoch, or, kept between epochs, would cache the same

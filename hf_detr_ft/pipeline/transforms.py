@@ -16,8 +16,9 @@ largest image, so boxes stay normalised to the image itself as in the original D
 
 :meth:`DetrTransform.apply_to` hands the transform each image still encoded, and a JPEG much
 larger than the resize target is decoded at 1/2, 1/4 or 1/8 scale
-(:func:`hf_detr_ft.data.image_files.decode_for_resize`): a 12-megapixel photo trained at 800x1333
-is decoded and resized 3x faster, at 600 px 6x. Boxes are scaled with it, and ``orig_size``
+(:func:`hf_detr_ft.data.image_files.decode_for_resize`): the JPEG decoder then never decodes the
+pixels that resizing would throw away, which matters most for phone photos (measured in
+benchmarks/README.md). Boxes are scaled with it, and ``orig_size``
 stays the full size that the annotations and the COCO evaluation use. (Resizing before the
 random crop is also what the original DETR's augmentation does.) The training transform
 keeps what it decoded for the next epochs (:mod:`hf_detr_ft.pipeline.image_cache`).
@@ -71,8 +72,8 @@ DEFAULT_MIN_SCALE = 0.6
 def train_augmentation() -> A.Compose:
     """The bbox-aware augmentation applied to training images (never to evaluation images).
 
-    Boxes are clipped and filtered once, at the end (``check_each_transform=False``; 1.4 ->
-    1.0 ms per 640x480 photo): the flip and the box-safe crop keep every box and the
+    Boxes are clipped and filtered once, at the end (``check_each_transform=False``; measured
+    in benchmarks/README.md): the flip and the box-safe crop keep every box and the
     brightness moves none, so filtering after each of them finds nothing more."""
     return A.Compose(
         [
@@ -170,11 +171,11 @@ class DetrTransform:
         side by side on torch's thread count when the batch is read in the training or
         evaluation loop's own process (no DataLoader workers, the CPU default).
 
-        Decoding runs without the GIL and is most of what a PNG costs (6-7 ms for 640x480).
-        Only decoding runs on the threads (:func:`decode_for_resize` runs no parallel torch
-        operation), never the processor's tensor operations: a thread that has run those has
-        its own OpenMP team, which slows the model's forward for as long as the thread lives
-        (benchmarks/README.md).
+        Decoding runs without the GIL and is most of what a PNG costs. Only decoding runs on
+        the threads (:func:`decode_for_resize` runs no parallel torch operation), never the
+        processor's tensor operations: a thread that has run those has its own OpenMP team,
+        which slows the model's forward for as long as the thread lives (both measured in
+        benchmarks/README.md).
         """
         in_worker = get_worker_info() is not None
         cache = None if in_worker else self.image_cache
@@ -299,9 +300,10 @@ def resize_for_model(
     ``do_resize=False``; ``None`` where the processor does not resize, or resizes with a
     backend other than torchvision (it is then left to do so).
 
-    The processor would first copy the pixels into channel-first memory and then resize
-    them; resized from channel-last memory (an image as decoded or augmented), torch's uint8
-    kernel needs no repacking: the same pixels 1.7x faster (2.9 -> 1.6 ms for a 640x480 photo).
+    The processor would first copy the pixels into channel-first memory, which torch's uint8
+    resize kernel then repacks; resized from channel-last memory (an image as decoded or
+    augmented), the pixels skip both passes and come out the same (measured in
+    benchmarks/README.md).
     """
     if not (isinstance(image_processor, TorchvisionBackend) and image_processor.do_resize):
         return None
@@ -314,7 +316,8 @@ def resize_for_model(
 @functools.cache
 def _decoding_threads(pid: int, count: int) -> ThreadPoolExecutor:
     """One pool per process and thread count, kept for the life of the process (started when
-    first needed; a pool per batch cost more than decoding two JPEGs on it saved). Keyed by
+    first needed), so that its threads start once, not for every batch (measured in
+    benchmarks/README.md). Keyed by
     ``pid``: a forked child inherits the pool object but none of its threads."""
     return ThreadPoolExecutor(count, thread_name_prefix="hf-detr-ft-decode")
 

@@ -36,8 +36,10 @@ from datasets import Image as ImageFeature
 from transformers import PretrainedConfig, TrainingArguments
 from transformers.image_transforms import get_size_with_aspect_ratio
 
-from ..arguments import DataArguments
-from ..errors import HfDetrFtError
+from ..arguments import DataArguments, effective_batch_size
+from ..data.dataset_report import SplitStats, split_stats
+from ..errors import PreflightError
+from ..pipeline.transforms import DEFAULT_MIN_SCALE
 
 PREFLIGHT_REPORT = "preflight_report"
 
@@ -53,10 +55,6 @@ FEW_IMAGES_PER_CLASS = 20
 DETR_LEARNING_RATE, DETR_LR_BACKBONE, DETR_BATCH_SIZE = 1e-4, 1e-5, 64
 #: How far (as a factor) the learning rate may be from the recipe before it is flagged.
 LR_TOLERANCE = 3.0
-
-
-class PreflightError(HfDetrFtError):
-    """A pre-flight check found a problem that makes training pointless as configured."""
 
 
 @dataclass
@@ -97,11 +95,6 @@ class PreflightReport:
         return path
 
 
-def effective_batch_size(args: TrainingArguments) -> int:
-    """Images per optimizer step: per device x processes x gradient accumulation."""
-    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-
-
 def run_preflight(
     splits: Mapping[str, Dataset],
     config: PretrainedConfig,
@@ -119,6 +112,7 @@ def run_preflight(
         image_size=data_args.image_size,
         max_image_size=data_args.max_image_size,
         training_args=training_args,
+        min_scale=data_args.min_scale,
     )
     if training_args.process_index == 0:
         saved = report.save(training_args.output_dir)
@@ -135,21 +129,37 @@ def preflight_checks(
     image_size: int,
     max_image_size: int,
     training_args: TrainingArguments,
+    min_scale: float = DEFAULT_MIN_SCALE,
 ) -> PreflightReport:
-    """Run every check on ``splits`` (``train`` first) for a model with ``config``."""
+    """Run every check on ``splits`` (``train`` first) for a model with ``config``.
+
+    ``min_scale`` is the smallest training scale (``--min_scale``), named in the warning about
+    tiny objects.
+    """
     class_names = [config.id2label[i] for i in range(len(config.id2label))]
     scans = {name: _scan(split, image_size, max_image_size) for name, split in splits.items()}
+    # Crowd boxes are left out: DETR's targets drop them, so they teach no class.
+    classes = {
+        name: split_stats(split, class_names, count_crowd=False) for name, split in splits.items()
+    }
     report = PreflightReport()
     report.stats.update(
         num_queries=config.num_queries,
         image_size=image_size,
         max_image_size=max_image_size,
         tiny_object_pixels=TINY_OBJECT_PIXELS,
-        splits={name: scan.stats(class_names) for name, scan in scans.items()},
+        splits={
+            name: {
+                **scan.stats(),
+                "boxes_per_class": classes[name].boxes_per_class,
+                "images_per_class": classes[name].images_per_class,
+            }
+            for name, scan in scans.items()
+        },
     )
     _check_queries(report, splits, scans, config.num_queries)
-    _check_object_sizes(report, scans, image_size, max_image_size)
-    _check_classes(report, scans, class_names)
+    _check_object_sizes(report, scans, image_size, max_image_size, min_scale)
+    _check_classes(report, classes)
     _check_batch_and_learning_rates(report, training_args)
     return report
 
@@ -164,21 +174,17 @@ class _SplitScan:
     max_boxes_row: int = 0
     images_by_box_count: Counter = field(default_factory=Counter)  # boxes per image -> images
     box_sides: list[float] = field(default_factory=list)  # shorter side after resizing
-    boxes_per_class: Counter = field(default_factory=Counter)
-    images_per_class: Counter = field(default_factory=Counter)
 
     def tiny(self) -> int:
         return sum(side < TINY_OBJECT_PIXELS for side in self.box_sides)
 
-    def stats(self, class_names: list[str]) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         return {
             "images": self.images,
             "boxes": self.boxes,
             "max_boxes_per_image": self.max_boxes,
             "tiny_boxes": self.tiny(),
             "smallest_box_side_px": round(min(self.box_sides), 2) if self.box_sides else None,
-            "boxes_per_class": {n: self.boxes_per_class[i] for i, n in enumerate(class_names)},
-            "images_per_class": {n: self.images_per_class[i] for i, n in enumerate(class_names)},
         }
 
 
@@ -188,13 +194,7 @@ def _scan(split: Dataset, image_size: int, max_image_size: int) -> _SplitScan:
     for row_index, row in enumerate(rows):
         objects = row["objects"]
         # DETR's processor drops crowd boxes from the targets, so they take no query.
-        kept = [
-            (box, category)
-            for box, category, crowd in zip(
-                objects["bbox"], objects["category"], objects["iscrowd"]
-            )
-            if not crowd
-        ]
+        kept = [box for box, crowd in zip(objects["bbox"], objects["iscrowd"]) if not crowd]
         height, width = row["height"], row["width"]
         # Exactly the processor's resize: shortest edge image_size, longest <= max_image_size.
         new_height, new_width = get_size_with_aspect_ratio(
@@ -206,10 +206,8 @@ def _scan(split: Dataset, image_size: int, max_image_size: int) -> _SplitScan:
         if len(kept) > scan.max_boxes:
             scan.max_boxes, scan.max_boxes_row = len(kept), row_index
         scan.images_by_box_count[len(kept)] += 1
-        for (_, _, box_width, box_height), category in kept:
+        for _, _, box_width, box_height in kept:
             scan.box_sides.append(min(box_width * scale_x, box_height * scale_y))
-            scan.boxes_per_class[category] += 1
-        scan.images_per_class.update({category for _, category in kept})
     return scan
 
 
@@ -267,7 +265,11 @@ def _check_queries(
 
 
 def _check_object_sizes(
-    report: PreflightReport, scans: dict[str, _SplitScan], image_size: int, max_image_size: int
+    report: PreflightReport,
+    scans: dict[str, _SplitScan],
+    image_size: int,
+    max_image_size: int,
+    min_scale: float,
 ) -> None:
     sides = sorted(side for scan in scans.values() for side in scan.box_sides)
     tiny = {name: scan.tiny() for name, scan in scans.items()}
@@ -292,19 +294,16 @@ def _check_object_sizes(
         f"{total_tiny} of {len(sides)} boxes ({per_split}) are smaller than "
         f"{TINY_OBJECT_PIXELS:g} pixels after resizing to image_size {image_size} / "
         f"max_image_size {max_image_size} (smallest {sides[0]:.1f} px; training scales go down "
-        f"to 60 % of that): DETR cannot learn them. Use a higher resolution, e.g. "
+        f"to {min_scale:.0%} of that): DETR cannot learn them. Use a higher resolution, e.g. "
         f"--image_size {new_size} --max_image_size {new_max}, or crop the images into tiles."
     )
 
 
-def _check_classes(
-    report: PreflightReport, scans: dict[str, _SplitScan], class_names: list[str]
-) -> None:
-    train = scans.get("train")
+def _check_classes(report: PreflightReport, classes: dict[str, SplitStats]) -> None:
+    train = classes.get("train")
     if train is None:
         return
-    boxes = {name: train.boxes_per_class[i] for i, name in enumerate(class_names)}
-    images = {name: train.images_per_class[i] for i, name in enumerate(class_names)}
+    boxes, images = train.boxes_per_class, train.images_per_class
     smallest, largest = min(boxes, key=boxes.get), max(boxes, key=boxes.get)
     ratio = boxes[smallest] / boxes[largest] if boxes[largest] else 0.0
     report.stats["class_balance"] = {
@@ -333,11 +332,11 @@ def _check_classes(
             f"each). DETR learns slowly from small datasets: expect to need many epochs "
             f"(100+), and more data if class_error stays high."
         )
-    for split_name, scan in scans.items():
+    for split_name, stats in classes.items():
         missing = [
             name
-            for i, name in enumerate(class_names)
-            if split_name != "train" and scan.boxes_per_class[i] and not boxes[name]
+            for name, count in stats.boxes_per_class.items()
+            if split_name != "train" and count and not boxes[name]
         ]
         if missing:
             report.warnings.append(

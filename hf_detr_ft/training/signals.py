@@ -29,9 +29,10 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..errors import HfDetrFtError
+from ..arguments import effective_batch_size
+from ..errors import TrainingDivergedError
 from .checkpoints import last_complete_checkpoint, on_any_process
-from .preflight import PREFLIGHT_REPORT, effective_batch_size
+from .preflight import PREFLIGHT_REPORT
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ CLASS_ERROR_GOOD_ENOUGH = 10.0
 #: Non-finite losses in a row tolerated with fp16, whose gradient scaler skips those steps.
 FP16_OVERFLOW_STEPS = 10
 NAN_WEIGHTS = "the weights became NaN or infinite (the update was far too large)"
-
-
-class TrainingDivergedError(HfDetrFtError):
-    """The training loss became NaN or infinite; training was stopped without saving it."""
 
 
 class TrainingSignalsCallback(TrainerCallback):
@@ -205,9 +202,10 @@ class TrainingSignalsCallback(TrainerCallback):
 def _reads_weights(control: TrainerControl) -> bool:
     """Whether the weights are about to be saved, evaluated or kept as the final model.
 
-    Only then are they checked (one max-abs over every weight, 1.7 ms of the tiny model's
-    ~70 ms CPU step when done at every step). Between those steps, weights that went NaN or infinite
-    make the next forward pass's predictions so, which :meth:`_check_prediction` stops at.
+    Only then are they checked: the check is one max-abs reduction over every weight, a cost
+    not worth paying at every step (measured in benchmarks/README.md). Between those steps,
+    weights that went NaN or infinite make the next forward pass's predictions so, which
+    :meth:`_check_prediction` stops at.
     The Trainer's own callback sets these flags before this one runs.
     """
     return control.should_save or control.should_evaluate or control.should_training_stop

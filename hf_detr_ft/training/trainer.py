@@ -16,8 +16,9 @@
 * Mixed precision (``bf16``, ``fp16``; chosen for the GPU by ``auto_mixed_precision``): the
   class and box heads run in fp32 (:mod:`hf_detr_ft.models.mixed_precision`), so boxes keep their
   precision.
-* Multi-process loss: see :mod:`training.loss_normalisation` (box losses were scaled by the process
-  count in transformers 5).
+* Multi-process loss: losses are computed inside
+  :func:`~training.loss_normalisation.corrected_loss_normalisation`, which, only where the installed
+  transformers needs it, corrects the box losses that transformers 5 scales by the process count.
 * Weight average (``ema_decay`` > 0): an EMA of the weights (:mod:`hf_detr_ft.training.ema`) is what
   evaluation scores, checkpoints and the final save hold, best-model selection picks and the
   Hub gets; each checkpoint also keeps the optimizer's own weights, so a resume is exact. After
@@ -71,9 +72,7 @@ from .ema import (
     load_training_weights,
     save_training_weights,
 )
-from .loss_normalisation import fix_object_detection_loss_normalisation
-
-fix_object_detection_loss_normalisation()
+from .loss_normalisation import corrected_loss_normalisation
 
 
 def is_backbone_parameter(name: str) -> bool:
@@ -173,7 +172,7 @@ class DetrTrainer(Trainer):
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's estimate for ``total_flos`` (6 x input elements x parameters), with the
         parameters counted once: the Trainer counts them at every step, walking every module
-        (0.5 ms of the tiny model's ~70 ms CPU step)."""
+        each time (measured in benchmarks/README.md)."""
         pixels = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
         if pixels is None or not hasattr(self.model, "num_parameters"):
             return 0
@@ -299,8 +298,13 @@ class DetrTrainer(Trainer):
         token: str | None = None,
         revision: str | None = None,
         private: bool | None = None,
+        *,
+        save: bool = True,
     ) -> str | None:
         """Save and upload ``output_dir`` with :func:`hf_detr_ft.artifacts.hub.push_output_dir`.
+
+        ``save=False`` uploads ``output_dir`` as it is (the end of ``run_training`` has saved
+        the final model already, and written its report beside it).
 
         Unlike ``Trainer.push_to_hub`` this keeps the card written by ``ModelCardCallback``
         (``on_push_begin``), uploads only the files a model repo needs, blocks until done and
@@ -309,7 +313,8 @@ class DetrTrainer(Trainer):
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
-        self.save_model(_internal_call=True)
+        if save:
+            self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
         self._finish_current_push()
@@ -356,7 +361,7 @@ class DetrTrainer(Trainer):
         """Forward one batch, feed its post-processed detections to the COCO evaluator."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), corrected_loss_normalisation():
             outputs = model(**inputs)
         if self._evaluator is not None:
             orig_sizes = torch.stack([target["orig_size"] for target in labels])
@@ -377,7 +382,8 @@ class DetrTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The Trainer's loss; also adds the batch's DETR signals to the next training log."""
         labels = inputs["labels"]
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        with corrected_loss_normalisation():
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         add_training_signals(self._train_signals, outputs, labels, self.model.config)
         return (loss, outputs) if return_outputs else loss
 

@@ -20,8 +20,7 @@ from PIL import Image, ImageOps
 from ..dataset import DetectionDataset
 from ..image_files import inspect_image
 from ..layouts import ROBOFLOW_ANNOTATION_FILE
-
-SPLIT_FOLDERS = {"train": "train", "validation": "valid", "test": "test"}
+from ..splits import ROBOFLOW_FOLDERS
 
 
 def write_coco_folder(data: DetectionDataset, destination: str | Path) -> Path:
@@ -34,7 +33,7 @@ def write_coco_folder(data: DetectionDataset, destination: str | Path) -> Path:
         for source_id, name in zip(data.label_map.source_ids, data.label_map.names)
     ]
     for split, dataset in data.splits.items():
-        folder = root / SPLIT_FOLDERS[split]
+        folder = root / ROBOFLOW_FOLDERS[split]
         folder.mkdir(parents=True, exist_ok=True)
         images, annotations, used = [], [], set()
         rows = dataset.cast_column("image", ImageFeature(decode=False))

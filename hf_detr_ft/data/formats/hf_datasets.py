@@ -26,8 +26,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_d
 from datasets import Image as ImageFeature
 
 from ...errors import DatasetError
-from ..layouts import SPLIT_ALIASES, SplitFiles
+from ..layouts import SplitFiles
 from ..records import CocoFile
+from ..splits import canonical_split
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def read_hf_dataset(source: str | Path) -> list[CocoFile]:
     splits = _load(source)
     coco_files, next_annotation_id = [], 1
     for name, dataset in splits.items():
-        split = SPLIT_ALIASES.get(name.lower())
+        split = canonical_split(name)
         if split is None:
             logger.warning("%s: split %r is not train/validation/test; skipped.", source, name)
             continue

@@ -24,9 +24,9 @@ from typing import Any
 from ...errors import DatasetError
 from ..layouts import SplitFiles
 from ..records import CocoFile
+from ..splits import canonical_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_SPLIT_FILES = {"train": "train", "val": "validation", "test": "test"}
 
 
 def is_voc(root: Path) -> bool:
@@ -146,7 +146,7 @@ def _split_lists(
         if name in found:
             lines = found[name].read_text(encoding="utf-8").splitlines()
             stems = [(n, line.split()[0]) for n, line in enumerate(lines, 1) if line.strip()]
-            splits.append((_SPLIT_FILES[name], found[name], stems))
+            splits.append((canonical_split(name), found[name], stems))
     return splits
 
 

@@ -22,10 +22,10 @@ from ...errors import DatasetError
 from ..image_files import IMAGE_ERRORS, inspect_all, inspect_image
 from ..layouts import SplitFiles
 from ..records import CocoFile
+from ..splits import SPLIT_ALIASES
 from .voc import IMAGE_EXTENSIONS
 
 YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
-_SPLITS = {"train": "train", "val": "validation", "valid": "validation", "test": "test"}
 
 
 def find_yaml(root: Path) -> Path | None:
@@ -48,7 +48,7 @@ def read_yolo(root: Path) -> list[CocoFile]:
     base = base if base.is_absolute() else (config_path.parent / base)
 
     coco_files, next_image_id, next_annotation_id = [], 1, 1
-    for key, split in _SPLITS.items():
+    for key, split in SPLIT_ALIASES.items():
         if not config.get(key) or any(c.files.split == split for c in coco_files):
             continue
         images = _split_images(base, config[key], config_path, key)
