@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import xml.etree.ElementTree as ET  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,6 +39,28 @@ from hf_detr_ft.training.trainer import DetrTrainer  # noqa: E402
 
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
 TINY_IMAGE_SIZE = 64
+
+
+def two_process_launch(port: int, *program: str) -> list[str]:
+    """``accelerate launch`` of ``program`` (a script and its arguments, or ``-m module ...``)
+    on two CPU processes (gloo), without mixed precision or dynamo; each test its own port."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        *program,
+    ]
 
 
 def tiny_detr_config(num_labels: int = 5) -> DetrConfig:

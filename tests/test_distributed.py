@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
+from conftest import two_process_launch
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_detr_ft.arguments import DetrTrainingArguments
@@ -43,21 +43,8 @@ def test_two_processes_train_and_evaluate_each_image_once(
     tiny_model_dir, shapes_dir, tmp_path
 ) -> None:
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29531",
+    command = two_process_launch(
+        29531,
         str(REPO / "examples" / "train.py"),
         "--use_cpu",
         "true",
@@ -85,7 +72,7 @@ def test_two_processes_train_and_evaluate_each_image_once(
         "0.9",
         "--ema_tau",
         "1",  # the average: evaluated and saved once
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]

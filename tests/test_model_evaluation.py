@@ -7,12 +7,11 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import cocoeval_stats
+from conftest import cocoeval_stats, two_process_launch
 from pycocotools.coco import COCO
 from transformers import AutoImageProcessor
 
@@ -127,21 +126,8 @@ def test_cli_prints_the_table_and_checks_the_split_and_classes(
 def test_two_processes_give_the_numbers_of_one(evaluated, shapes_model_dir, odd_ids_dir, tmp_path):
     """`accelerate launch` (2 CPU processes, gloo), with an uneven last batch."""
     result, _ = evaluated
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29547",
+    command = two_process_launch(
+        29547,
         "-m",
         "hf_detr_ft.cli",
         "evaluate",
@@ -157,7 +143,7 @@ def test_two_processes_give_the_numbers_of_one(evaluated, shapes_model_dir, odd_
         "test",
         "--output_dir",
         str(tmp_path),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from conftest import two_process_launch
 from transformers import AutoModelForObjectDetection
 
 SCRIPT = """
@@ -51,26 +51,13 @@ def test_two_processes_with_sharded_forwards_finish_and_save(
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
+    command = two_process_launch(
+        29533,
         str(script),
         str(shapes_dir),
         str(tiny_model_dir),
         str(out),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
