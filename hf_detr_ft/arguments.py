@@ -1,14 +1,17 @@
 """The arguments of a fine-tuning run, as dataclasses for ``HfArgumentParser``.
 
 ``ModelArguments`` and ``DataArguments`` hold what is specific to this library;
-``DetrTrainingArguments`` is ``transformers.TrainingArguments`` with DETR's recipe as defaults
-(AdamW, learning rate 1e-4 and 1e-5 for the backbone, weight decay 1e-4, gradient clipping 0.1)
-and best-model selection by COCO mAP. Every ``TrainingArguments`` option stays available, with
-the same flag on ``hf-detr-ft train`` and ``examples/train.py``.
+``DetrTrainingArguments`` is ``transformers.TrainingArguments`` with best-model selection by COCO
+mAP. The recipe options (learning rates, weight decay, gradient clipping, warm-up, weight
+average, image sizes, multi-scale range) default to ``None``: the model family's published
+recipe fills them (:func:`apply_family_recipe`, :mod:`hf_detr_ft.models.families`), and any
+value the user gives wins. Every ``TrainingArguments`` option stays available, with the same
+flag on ``hf-detr-ft train`` and ``examples/train.py``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,8 +20,10 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ArgumentError
+from .models.families import Family
 from .models.loading import DEFAULT_MODEL
-from .pipeline.transforms import DEFAULT_MIN_SCALE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,21 +90,31 @@ class DataArguments:
             "aliases": ["--train_val_split"],
         },
     )
-    image_size: int = field(default=800, metadata={"help": "Shortest image edge after resizing."})
-    max_image_size: int = field(
-        default=1333,
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input size: the shortest image edge after resizing (DETR, Conditional, "
+            "DAB, Deformable DETR, YOLOS) or the side of the square input (RT-DETR, D-FINE, "
+            "DEIMv2, LW-DETR, RF-DETR; rounded to the model's stride). Default: the "
+            "checkpoint's own size (DETR 800, RT-DETR 640, ...)."
+        },
+    )
+    max_image_size: int | None = field(
+        default=None,
         metadata={
             "help": "Longest image edge after resizing, at most; wins over image_size (e.g. "
             "600 alone: every image's longest edge 600, as the transformers example's "
-            "--image_square_size, also accepted; no padding to a square here).",
+            "--image_square_size, also accepted; square inputs: the side at most). "
+            "Default: the checkpoint's (DETR 1333).",
             "aliases": ["--image_square_size"],
         },
     )
-    min_scale: float = field(
-        default=DEFAULT_MIN_SCALE,
+    min_scale: float | None = field(
+        default=None,
         metadata={
-            "help": "Multi-scale training: the shortest edge is drawn from min_scale x "
-            "image_size to image_size (DETR: 0.6; 1 turns it off, e.g. for tiny objects)."
+            "help": "Multi-scale training: sizes are drawn from min_scale x image_size up to "
+            "the family's largest scale (1 for DETR; 1.25 for RT-DETR's square sizes). Default: "
+            "the family's recipe (DETR 0.6, RT-DETR 0.75); 1 with DETR turns it off."
         },
     )
     image_cache_mb: float | None = field(
@@ -119,16 +134,20 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "max_image_size"):
-            _check_at_least(name, getattr(self, name), 1)
-        for name in ("num_classes", "max_train_samples", "max_eval_samples"):
+        for name in (
+            "image_size",
+            "max_image_size",
+            "num_classes",
+            "max_train_samples",
+            "max_eval_samples",
+        ):
             _check_at_least(name, getattr(self, name), 1, optional=True)
         if not 0 <= self.validation_fraction < 1:
             raise ArgumentError(
                 f"validation_fraction must be at least 0 and below 1, got "
                 f"{self.validation_fraction}."
             )
-        if not 0 < self.min_scale <= 1:
+        if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise ArgumentError(f"min_scale must be in (0, 1], got {self.min_scale}.")
         if self.image_cache_mb is not None and self.image_cache_mb < 0:
             raise ArgumentError(
@@ -141,14 +160,34 @@ class DetrTrainingArguments(TrainingArguments):
     output_dir: str | None = field(
         default="detr-finetuned", metadata={"help": "Where checkpoints and the final model go."}
     )
-    learning_rate: float = field(
-        default=1e-4, metadata={"help": "Learning rate of the transformer and heads."}
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the transformer and heads (default: the family's "
+            "recipe, DETR 1e-4)."
+        },
     )
-    lr_backbone: float = field(
-        default=1e-5, metadata={"help": "Learning rate of the CNN backbone."}
+    lr_backbone: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the backbone (default: the family's recipe, DETR 1e-5; "
+            "LW-DETR and RF-DETR: the ViT's last layer, earlier layers decay)."
+        },
     )
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping (max norm)."})
+    weight_decay: float | None = field(
+        default=None, metadata={"help": "AdamW weight decay (default: the family's, 1e-4)."}
+    )
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": "Gradient clipping, max norm (default: the family's, 0.1)."},
+    )
+    warmup_steps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Linear warm-up steps (a float below 1: a share of the run). Default: the "
+            "family's recipe (RT-DETR 2000, D-FINE 500, DETR none), at most a tenth of the run."
+        },
+    )
     num_train_epochs: float = field(default=30.0, metadata={"help": "Training epochs."})
     per_device_train_batch_size: int = field(
         default=4, metadata={"help": "Images per device per step."}
@@ -215,19 +254,21 @@ class DetrTrainingArguments(TrainingArguments):
             "oneDNN on CPUs and with bf16/fp16 on GPUs (see benchmarks/README.md)."
         },
     )
-    ema_decay: float = field(
-        default=0.0,
+    ema_decay: float | None = field(
+        default=None,
         metadata={
             "help": "Keep an exponential moving average of the weights with this decay (e.g. "
             "0.993) and evaluate, select, save and push it instead of the last weights (0: off; "
-            "not with FSDP or DeepSpeed; see hf_detr_ft/ema.py)."
+            "not with FSDP or DeepSpeed; see hf_detr_ft/training/ema.py). Default: the "
+            "family's recipe (on for RT-DETR, D-FINE, LW-DETR, RF-DETR; off for DETR)."
         },
     )
-    ema_tau: float = field(
-        default=100.0,
+    ema_tau: float | None = field(
+        default=None,
         metadata={
             "help": "Optimizer steps over which the average's decay ramps up to ema_decay: "
-            "decay x (1 - exp(-step / ema_tau))."
+            "decay x (1 - exp(-step / ema_tau)). Default: the family's recipe (100; RT-DETR "
+            "2000, D-FINE 1000)."
         },
     )
     hub_license: str | None = field(
@@ -257,14 +298,23 @@ class DetrTrainingArguments(TrainingArguments):
             self.bf16, self.fp16 = chosen == "bf16", chosen == "fp16"
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
             _check_at_least(name, getattr(self, name), 1)
-        for name in ("learning_rate", "lr_backbone", "weight_decay"):
-            _check_at_least(name, getattr(self, name), 0)
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:  # also refuses NaN
+            raise ArgumentError(
+                f"num_train_epochs must be positive (or max_steps set), got "
+                f"{self.num_train_epochs}: the run would train nothing."
+            )
+        for name in ("learning_rate", "lr_backbone", "weight_decay", "max_grad_norm"):
+            _check_at_least(name, getattr(self, name), 0, optional=True)
+        # transformers checks warmup_steps >= 0; None (the recipe's, see get_warmup_steps) waits.
+        self.warmup_from_recipe = self.warmup_steps is None
+        if self.warmup_from_recipe:
+            self.warmup_steps = 0
         super().__post_init__()
-        if not 0.0 <= self.ema_decay < 1.0:
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ArgumentError(
                 f"ema_decay must be at least 0 (off) and below 1, got {self.ema_decay}."
             )
-        if self.ema_tau <= 0:
+        if self.ema_tau is not None and self.ema_tau <= 0:
             raise ArgumentError(f"ema_tau must be positive, got {self.ema_tau}.")
 
     def _mixed_precision_configured(self) -> bool:
@@ -276,6 +326,14 @@ class DetrTrainingArguments(TrainingArguments):
             self.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         )
         return bool(self.bf16 or self.fp16 or deepspeed or accelerate_choice != "no")
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """A recipe's warm-up (written for COCO schedules of ~500k steps) is at most a tenth
+        of this run, so that a short fine-tune still trains at its learning rate."""
+        steps = super().get_warmup_steps(num_training_steps)
+        if getattr(self, "warmup_from_recipe", False):
+            return min(steps, math.ceil(num_training_steps / 10))
+        return steps
 
     def __getstate__(self) -> dict:
         """Pickle without tokens: the Trainer saves these arguments in training_args.bin."""
@@ -290,6 +348,44 @@ def _check_at_least(name: str, value: float | None, low: float, optional: bool =
         return
     if value is None or not math.isfinite(value) or value < low:
         raise ArgumentError(f"{name} must be a number of at least {low:g}, got {value}.")
+
+
+#: The training options a family's recipe fills when the user leaves them unset.
+RECIPE_OPTIONS = (
+    "learning_rate",
+    "lr_backbone",
+    "weight_decay",
+    "max_grad_norm",
+    "ema_decay",
+    "ema_tau",
+)
+
+
+def apply_family_recipe(args: TrainingArguments, family: Family) -> dict[str, float]:
+    """Fill the training options left unset (``None``) from ``family``'s recipe, and its
+    warm-up where the user gave none; returns what was filled. Values the user set win."""
+    filled = {
+        name: getattr(family.recipe, name)
+        for name in RECIPE_OPTIONS
+        if getattr(args, name, None) is None
+    }
+    if (
+        getattr(args, "warmup_from_recipe", False)
+        and args.warmup_steps != family.recipe.warmup_steps
+    ):
+        filled["warmup_steps"] = family.recipe.warmup_steps
+    for name, value in filled.items():
+        setattr(args, name, value)
+    if filled:
+        values = ", ".join(f"{name} {value:g}" for name, value in filled.items())
+        logger.info("%s recipe (%s): %s.", family.name, family.recipe.source, values)
+    return filled
+
+
+def apply_family_data_defaults(args: DataArguments, family: Family) -> None:
+    """The family's multi-scale range where the user set no ``min_scale``."""
+    if args.min_scale is None:
+        args.min_scale = family.recipe.train_scales[0]
 
 
 def effective_batch_size(args: TrainingArguments) -> int:

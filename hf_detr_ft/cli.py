@@ -142,8 +142,9 @@ def inspect(argv: list[str]) -> int:
     parser.add_argument("--output_dir", default="dataset-report", help="where files go")
     args = parser.parse_args(argv)
 
+    from .artifacts.output_files import claim_files
     from .data.dataset import load_detection_dataset
-    from .data.dataset_report import build_report
+    from .data.dataset_report import REPORT_JSON, REPORT_TEXT, build_report
 
     data = load_detection_dataset(
         args.dataset,
@@ -154,11 +155,15 @@ def inspect(argv: list[str]) -> int:
         strict=args.strict,
     )
     report = build_report(data)
-    json_path, _ = report.write(args.output_dir)
-    print(f"{report.table()}\n\nReport with every problem: {json_path}")
+    names = [REPORT_JSON, REPORT_TEXT]
     if args.preview:
         from .data.preview import CHART_FILE, save_class_chart, write_preview
 
+        names.append(CHART_FILE)
+    claim_files(args.output_dir, names)
+    json_path, _ = report.write(args.output_dir)
+    print(f"{report.table()}\n\nReport with every problem: {json_path}")
+    if args.preview:
         pictures = write_preview(data, args.output_dir, args.preview)
         chart = save_class_chart(report, f"{args.output_dir}/{CHART_FILE}")
         print(f"Preview: {len(pictures)} pictures in {pictures[0].parent}; chart: {chart}")

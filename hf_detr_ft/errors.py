@@ -39,8 +39,20 @@ class ReportError(HfDetrFtError):
     """There is no training history to report on."""
 
 
+class OutputDirError(HfDetrFtError):
+    """The output folder cannot be used: another run holds it, or it holds files of another."""
+
+
 class HubError(HfDetrFtError):
     """The model could not be published; the local files are not affected."""
+
+
+class ExportError(HfDetrFtError):
+    """The model cannot be exported (an operator the exporter has no ONNX form of, ...)."""
+
+
+class ExportCheckError(ExportError):
+    """The exported model does not reproduce the PyTorch model within the tolerances."""
 
 
 #: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,25 +21,70 @@ from typing import Any
 
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, SAFE_WEIGHTS_NAME
 
-from .arguments import DataArguments, DetrTrainingArguments, ModelArguments
-from .artifacts.model_card import CardContext, ModelCardCallback, training_hyperparameters
-from .artifacts.training_report import write_training_report
+from .arguments import (
+    DataArguments,
+    DetrTrainingArguments,
+    ModelArguments,
+    apply_family_data_defaults,
+    apply_family_recipe,
+)
+from .artifacts.model_card import (
+    CARD_FILE,
+    EXAMPLE_IMAGE,
+    CardContext,
+    ModelCardCallback,
+    training_hyperparameters,
+)
+from .artifacts.output_files import claim_files
+from .artifacts.training_report import TRAINING_REPORT_FILES, write_training_report
 from .data.dataset import DetectionDataset, load_detection_dataset
-from .data.dataset_report import build_report
+from .data.dataset_report import REPORT_JSON, REPORT_TEXT, DatasetReport, build_report
 from .errors import DatasetError, TrainingInterrupted
+from .models.families import family_of
 from .models.loading import DEFAULT_MODEL, load_image_processor, load_model
 from .pipeline.collate import collate_fn
 from .pipeline.transforms import AugmentationEpochCallback, DetrTransform
 from .training.checkpoints import StopOnInterrupt, last_complete_checkpoint
-from .training.preflight import run_preflight
+from .training.preflight import PREFLIGHT_REPORT, run_preflight
+from .training.run_guard import (
+    RUN_RECORD,
+    OutputDirLock,
+    check_resumable,
+    training_data_fingerprint,
+    write_run_record,
+)
 from .training.signals import TrainingSignalsCallback
 from .training.trainer import DetrTrainer
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+
+#: The top-level files a run writes into ``output_dir`` (checked before it writes any: see
+#: :mod:`.artifacts.output_files`).
+RUN_OUTPUTS = (
+    METRICS_FILE,
+    RUN_RECORD,
+    REPORT_JSON,
+    REPORT_TEXT,
+    f"{PREFLIGHT_REPORT}.json",
+    f"{PREFLIGHT_REPORT}.txt",
+    CARD_FILE,
+    EXAMPLE_IMAGE,
+    *TRAINING_REPORT_FILES,
+    CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    IMAGE_PROCESSOR_NAME,
+    TRAINING_ARGS_NAME,
+    TRAINER_STATE_NAME,
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+)
 
 
 @dataclass
@@ -64,10 +110,18 @@ def run_training(
     ``callbacks`` are added to the Trainer's own (e.g. early stopping, custom logging).
     """
     set_seed(training_args.seed)
-    data = _load_data(data_args, training_args)
-    run = _build(data, model_args, data_args, training_args, callbacks)
-    train_result = _train(run)
-    return _finish(run, train_result)
+    main_process = training_args.process_index == 0
+    with OutputDirLock(training_args.output_dir) if main_process else contextlib.nullcontext():
+        data, report = _load_data(data_args, training_args)
+        record = _run_record(data, model_args)
+        checkpoint = _checkpoint_to_resume(training_args, record)  # before anything is written
+        if main_process:
+            claim_files(training_args.output_dir, RUN_OUTPUTS, run_outputs=RUN_OUTPUTS)
+            report.write(training_args.output_dir)
+            write_run_record(training_args.output_dir, record)
+        run = _build(data, model_args, data_args, training_args, callbacks)
+        train_result = _train(run, checkpoint)
+        return _finish(run, train_result)
 
 
 @dataclass
@@ -82,8 +136,10 @@ class _Run:
     interrupt: StopOnInterrupt
 
 
-def _load_data(data_args: DataArguments, training_args: DetrTrainingArguments) -> DetectionDataset:
-    """The dataset, checked, with its report written before any model is loaded."""
+def _load_data(
+    data_args: DataArguments, training_args: DetrTrainingArguments
+) -> tuple[DetectionDataset, DatasetReport]:
+    """The dataset, checked, and its report (logged here, written once the run may start)."""
     data = load_detection_dataset(
         data_args.dataset_dir,
         data_args.num_classes,
@@ -97,9 +153,7 @@ def _load_data(data_args: DataArguments, training_args: DetrTrainingArguments) -
         raise DatasetError(f"{data.root} has no validation split; set validation_fraction > 0.")
     report = build_report(data)
     logger.info("Dataset report:\n%s", report.table())
-    if training_args.process_index == 0:
-        report.write(training_args.output_dir)
-    return data
+    return data, report
 
 
 def _build(
@@ -109,13 +163,11 @@ def _build(
     training_args: DetrTrainingArguments,
     callbacks: Sequence[TrainerCallback],
 ) -> _Run:
-    """Model, transforms and Trainer; pre-flight stops here if the run cannot work."""
-    image_processor = load_image_processor(
-        model_args.model_name_or_path,
-        image_size=data_args.image_size,
-        max_image_size=data_args.max_image_size,
-        revision=model_args.revision,
-    )
+    """Model, transforms and Trainer; pre-flight stops here if the run cannot work.
+
+    The model's family (:mod:`.models.families`) fills what the user left unset: its recipe's
+    training options, its input size and multi-scale range.
+    """
     model = load_model(
         model_args.model_name_or_path,
         data.class_names,
@@ -124,17 +176,31 @@ def _build(
         num_queries=model_args.num_queries,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
+    family = family_of(model.config)
+    apply_family_recipe(training_args, family)
+    apply_family_data_defaults(data_args, family)
+    image_processor = load_image_processor(
+        model_args.model_name_or_path,
+        image_size=data_args.image_size,
+        max_image_size=data_args.max_image_size,
+        revision=model_args.revision,
+    )
+    size = dict(image_processor.size)  # in force: for the pre-flight report and the card
+    data_args.image_size = size.get("shortest_edge") or size["height"]
+    data_args.max_image_size = size.get("longest_edge") or size["width"]
     splits = {
         "train": _first(data.splits["train"], data_args.max_train_samples),
         "validation": _first(data.splits["validation"], data_args.max_eval_samples),
         data.eval_split: _first(data.splits[data.eval_split], data_args.max_eval_samples),
     }
-    run_preflight(splits, model.config, data_args, training_args)
+    run_preflight(splits, model.config, data_args, training_args, size_rule=size)
     train_transform = DetrTransform.for_training(
         image_processor,
         seed=training_args.seed,
         min_scale=data_args.min_scale,
         image_cache_mb=data_args.image_cache_mb,
+        max_scale=family.recipe.train_scales[1],
+        size_multiple=family.size_multiple(model.config),
     )
     eval_transform = DetrTransform.for_evaluation(image_processor)
     card = ModelCardCallback(_card_context(data, splits, model_args, data_args, training_args))
@@ -184,11 +250,20 @@ def _card_context(
     )
 
 
-def _train(run: _Run) -> TrainOutput:
-    """Train (resuming the newest complete checkpoint); Ctrl-C saves and stops cleanly."""
+def _run_record(data: DetectionDataset, model_args: ModelArguments) -> dict[str, Any]:
+    """What this run trains: compared with a checkpoint's before resuming it."""
+    return {
+        "model": str(model_args.model_name_or_path),
+        "class_names": data.class_names,
+        "data": training_data_fingerprint(data.splits["train"], data.class_names),
+    }
+
+
+def _train(run: _Run, checkpoint: str | None) -> TrainOutput:
+    """Train (from ``checkpoint`` when resuming); Ctrl-C saves and stops cleanly."""
     trainer, args = run.trainer, run.trainer.args
     with run.interrupt.catching_sigint():
-        result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     if run.interrupt.stopped_at is not None:
         raise TrainingInterrupted(run.interrupt.message(args.output_dir))
     trainer.log_metrics("train", result.metrics)
@@ -269,11 +344,13 @@ def _first(dataset: Dataset, limit: int | None) -> Dataset:
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
-def _checkpoint_to_resume(args: DetrTrainingArguments) -> str | None:
-    """An explicit ``resume_from_checkpoint``, else the newest complete one in ``output_dir``."""
+def _checkpoint_to_resume(args: DetrTrainingArguments, record: dict[str, Any]) -> str | None:
+    """An explicit ``resume_from_checkpoint``, else the newest complete one in ``output_dir``
+    if it is of this same run (:func:`~.training.run_guard.check_resumable`)."""
     if args.resume_from_checkpoint:
         return args.resume_from_checkpoint
     last = last_complete_checkpoint(args.output_dir, with_optimizer=not args.save_only_model)
     if last:
+        check_resumable(last, record)
         logger.warning("Resuming from %s (use a new output_dir to start over).", last)
     return last

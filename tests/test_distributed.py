@@ -13,6 +13,7 @@ from conftest import two_process_launch
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_detr_ft.arguments import DetrTrainingArguments
+from hf_detr_ft.artifacts.output_files import MANIFEST
 from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.evaluation.coco_metrics import SUMMARY_METRICS
 from hf_detr_ft.pipeline.collate import collate_fn
@@ -88,7 +89,8 @@ def test_two_processes_train_and_evaluate_each_image_once(
         "rng_state_1.pth",
     ]
     assert (out / "checkpoint-2" / TRAINING_WEIGHTS_FILE).is_file()
-    assert not [p for p in out.iterdir() if p.name.startswith(("tmp", ".")) or "_1." in p.name]
+    leftovers = [p for p in out.iterdir() if p.name.startswith(("tmp", ".")) or "_1." in p.name]
+    assert [p.name for p in leftovers] == [MANIFEST]  # only the list of files hf-detr-ft wrote
     distributed = json.loads((out / "metrics.json").read_text())
     assert distributed["eval_split"] == "test"
 

@@ -26,6 +26,7 @@ from hf_detr_ft.artifacts.hub import push_output_dir
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.errors import HubError
 from hf_detr_ft.run import METRICS_FILE, finetune
+from hf_detr_ft.training.run_guard import RUN_RECORD
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 QUICK = {
@@ -173,7 +174,7 @@ def pushed_run(tiny_model_dir, shapes_dir, tmp_path_factory) -> tuple[Path, Fake
 def _expected_upload(out: Path) -> set[str]:
     """The top-level model files, JSON reports and pictures; never training_args.bin, text
     reports (their JSON twin goes up), or anything under checkpoint-*/."""
-    names = {p.name for p in out.iterdir() if p.is_file()}
+    names = {p.name for p in out.iterdir() if p.is_file()} - {RUN_RECORD}
     model_files = {n for n in names if n.endswith((".json", ".png", ".jpg", ".safetensors"))}
     expected = model_files | {"README.md"}
     assert FINAL_FILES <= expected and "training_args.bin" in names - expected
@@ -195,6 +196,7 @@ def test_finetune_pushes_the_model_card_and_metrics_at_the_end(pushed_run) -> No
     final = hub.uploads[-1]
     assert final.repo_id == "someone/shapes-detr" and final.commit_message == "End of training"
     assert set(final.files) == _expected_upload(out)
+    assert (out / RUN_RECORD).is_file() and RUN_RECORD not in final.files  # local paths stay
     for name, content in final.files.items():
         assert content == (out / name).read_bytes(), name
     card = ModelCard.load(out / "README.md")

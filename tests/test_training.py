@@ -144,9 +144,10 @@ def test_optimizer_follows_the_detr_recipe(tiny_model_dir, shapes_dir, tmp_path)
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert len(lr_of) == len(trainable)
-    assert any(is_backbone_parameter(n) for n, _ in trainable)
+    config = trainer.model.config
+    assert any(is_backbone_parameter(n, config) for n, _ in trainable)
     for name, param in trainable:
-        assert lr_of[id(param)] == (2e-5 if is_backbone_parameter(name) else 3e-4), name
+        assert lr_of[id(param)] == (2e-5 if is_backbone_parameter(name, config) else 3e-4), name
     assert decay_of[id(trainer.model.class_labels_classifier.weight)] == 1e-4
     assert decay_of[id(trainer.model.class_labels_classifier.bias)] == 0.0
     assert type(optimizer).__name__ == "AdamW"

@@ -136,7 +136,7 @@ def test_min_scale_sets_the_multi_scale_range(bccd_train, processor) -> None:
     assert train_scales(800) == [480, 560, 640, 720, 800]  # DETR's range
     assert train_scales(800, min_scale=0.8) == [640, 720, 800]
     fixed = DetrTransform.for_training(processor, min_scale=1.0)
-    assert fixed.scales == [96]
+    assert fixed.scales == [{"shortest_edge": 96}]
     for i in range(3):
         assert min(bccd_train.with_transform(fixed)[i]["pixel_values"].shape[-2:]) == 96
     with pytest.raises(ValueError, match="min_scale"):
@@ -247,7 +247,8 @@ def test_training_decodes_for_the_largest_scale_and_keeps_boxes_inside(processor
         item = transform.apply_to(dataset)[0]
         assert item["labels"]["orig_size"].tolist() == [1200, 1600]
         height, width = item["pixel_values"].shape[-2:]
-        assert min(height, width) in transform.scales or max(height, width) == 700  # cropped
+        edges = [scale["shortest_edge"] for scale in transform.scales]
+        assert min(height, width) in edges or max(height, width) == 700  # cropped
         boxes = item["labels"]["boxes"]
         assert boxes.shape == (1, 4) and torch.all((boxes >= 0) & (boxes <= 1))
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import write_coco_json
 from PIL import Image
 
+from hf_detr_ft.artifacts.output_files import MANIFEST
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.data.dataset_report import DATASET_WIDE, REPORT_JSON, REPORT_TEXT, build_report
@@ -333,7 +334,7 @@ def test_report_table_files_and_inspect_preview(tmp_path: Path, capsys) -> None:
     [dropped] = report["problems"]["train"]
     assert dropped["kind"] == "dropped" and dropped["record"].startswith("annotation 1")
     assert (out / REPORT_TEXT).read_text().startswith("Dataset ")
-    assert sorted(p.name for p in (out / "preview").iterdir()) == [
+    assert sorted(p.name for p in (out / "preview").iterdir() if p.name != MANIFEST) == [
         "train_1.png",
         "validation_1.png",
     ]

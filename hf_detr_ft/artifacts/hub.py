@@ -26,12 +26,14 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..errors import HubError
 from ..training.checkpoints import last_complete_checkpoint
+from ..training.run_guard import RUN_RECORD
 from .model_card import CARD_FILE
 
 logger = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", CARD_FILE, "*.png", "*.jpg"]
-IGNORE_PATTERNS = ["checkpoint-*", "last-checkpoint*", "runs/*", "_*", ".*"]
+#: Never uploaded: checkpoints, logs, hidden files, the run record (it names local paths).
+IGNORE_PATTERNS = ["checkpoint-*", "last-checkpoint*", "runs/*", "_*", ".*", RUN_RECORD]
 CHECKPOINT_PATH_IN_REPO = "last-checkpoint"
 DEFAULT_COMMIT_MESSAGE = "Upload fine-tuned DETR (hf-detr-ft)"
 

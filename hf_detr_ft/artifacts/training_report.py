@@ -29,6 +29,7 @@ from ..errors import ReportError
 from ..inference.detect import detect
 from ..inference.predict import load_detector
 from ..training.checkpoints import TRAINER_STATE_NAME, last_complete_checkpoint
+from .output_files import claim_files
 from .pictures import Boxes, save_comparison_grid, save_figure, subplots
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 LOSSES_PLOT = "training_losses.png"
 MAP_PLOT = "training_map.png"
 SAMPLES_PLOT = "sample_predictions.png"
+TRAINING_REPORT_FILES = (LOSSES_PLOT, MAP_PLOT, SAMPLES_PLOT)
 LOSS_PANELS = {
     "loss": "total loss",
     "loss_ce": "classification (ce)",
@@ -131,7 +133,9 @@ def write_training_report(
     The sample grid needs ``validation`` (a split of :mod:`hf_detr_ft.data.dataset`, not
     transformed); the model and processor default to those saved in ``output_dir``.
     """
-    written = plot_training_curves(read_log_history(output_dir), output_dir)
+    history = read_log_history(output_dir)
+    claim_files(output_dir, TRAINING_REPORT_FILES, run_outputs=TRAINING_REPORT_FILES)
+    written = plot_training_curves(history, output_dir)
     if validation is not None and num_samples > 0:
         if model is None or image_processor is None:
             model, image_processor = load_detector(output_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..artifacts.output_files import claim_files
 from ..artifacts.pictures import Boxes, class_colors, draw_boxes, save_figure, subplots
 from .dataset import DetectionDataset
 from .dataset_report import DatasetReport
@@ -23,21 +24,20 @@ CHART_FILE = "boxes_per_class.png"
 
 def write_preview(data: DetectionDataset, output_dir: str | Path, count: int) -> list[Path]:
     """Draw ``count`` images (evenly spaced through each split) with their boxes; PNG paths."""
-    folder = Path(output_dir) / PREVIEW_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
     per_split = math.ceil(count / len(data.splits)) if count > 0 else 0
-    written: list[Path] = []
+    chosen: list[tuple[str, int]] = []
     for split, dataset in data.splits.items():
-        take = min(per_split, len(dataset), count - len(written))
-        for index in np.linspace(0, len(dataset) - 1, num=take, dtype=int) if take else []:
-            example = dataset[int(index)]
-            objects = example["objects"]
-            boxes = Boxes.from_coco(objects["bbox"], objects["category"])
-            drawn = draw_boxes(example["image"], boxes, data.class_names)
-            path = folder / f"{split}_{example['image_id']}.png"
-            Image.fromarray(drawn).save(path)
-            written.append(path)
-    return written
+        take = min(per_split, len(dataset), count - len(chosen))
+        spaced = np.linspace(0, len(dataset) - 1, num=take, dtype=int) if take else []
+        chosen += [(split, int(index)) for index in spaced]
+    examples = [data.splits[split][index] for split, index in chosen]
+    names = [f"{split}_{ex['image_id']}.png" for (split, _), ex in zip(chosen, examples)]
+    paths = claim_files(Path(output_dir) / PREVIEW_FOLDER, names)
+    for path, example in zip(paths, examples):
+        objects = example["objects"]
+        boxes = Boxes.from_coco(objects["bbox"], objects["category"])
+        Image.fromarray(draw_boxes(example["image"], boxes, data.class_names)).save(path)
+    return paths
 
 
 def save_class_chart(report: DatasetReport, path: str | Path) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arguments import DetrTrainingArguments
+from ..artifacts.output_files import claim_files
 from ..data.dataset import load_detection_dataset
 from ..data.splits import canonical_split
 from ..errors import ArgumentError, DatasetError
@@ -175,12 +176,12 @@ def evaluate(
 
 def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> list[Path]:
     """Write ``evaluation_<split>.json`` (and ``predictions_<split>.json`` if kept)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / EVALUATION_FILE.format(split=result.split)]
+    names = [EVALUATION_FILE.format(split=result.split)]
+    if result.predictions is not None:
+        names.append(PREDICTIONS_FILE.format(split=result.split))
+    written = claim_files(output_dir, names)
     written[0].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if result.predictions is not None:
-        written.append(out / PREDICTIONS_FILE.format(split=result.split))
         written[1].write_text(json.dumps(result.predictions) + "\n")
     logger.info("Wrote %s", ", ".join(map(str, written)))
     return written

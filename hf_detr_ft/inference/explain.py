@@ -5,19 +5,29 @@ over the backbone's feature map (``H/32 x W/32`` of the resized image). DETR's a
 notebook shows, per detection, that attention map next to the box. :func:`explain` does the
 same with the Hugging Face model: it runs it with ``output_attentions=True``, averages the last
 decoder layer's cross-attention over the heads, reshapes each top query's row to the feature
-map (captured from the backbone, whose downsampled pixel mask says which cells are image and
-which are padding), crops the padding, and draws the map over the image above the detection.
+map (``H/32 x W/32`` of the single, unpadded input image), and draws the map over the image
+above the detection.
+
+Only families whose decoder cross-attention is such a dense map can be explained this way
+(DETR, Conditional DETR, DAB-DETR, Table Transformer: :attr:`~hf_detr_ft.models.families.
+Family.dense_cross_attention`). Deformable attention (Deformable DETR, RT-DETR, D-FINE,
+DEIMv2, LW-DETR, RF-DETR) samples a few points per query instead, and YOLOS has no decoder:
+for those, :func:`explain` says so in one error.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..artifacts.output_files import claim_files
 from ..artifacts.pictures import Boxes, draw_boxes, save_figure, subplots
 from ..errors import ArgumentError
+from ..models.families import FAMILIES, family_of
+from ..models.loading import load_config
 from .predict import load_detector, open_image
 
 
@@ -32,25 +42,18 @@ def attention_maps(
     return no attention weights.
     """
     inputs = image_processor(images=image, return_tensors="pt").to(model.device)
-    features: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hook = model.model.backbone.register_forward_hook(lambda _m, _i, out: features.extend(out))
-    try:
-        outputs = model(**inputs, output_attentions=True)
-    finally:
-        hook.remove()
+    outputs = model(**inputs, output_attentions=True)
     if not outputs.cross_attentions:
         raise RuntimeError("The model returned no cross-attention; load it with eager attention.")
-    feature_map, mask = features[-1]  # the last backbone stage feeds the transformer
-    height, width = feature_map.shape[-2:]
-    rows, cols = int(mask[0].any(1).sum()), int(mask[0].any(0).sum())  # unpadded cells
+    attention = outputs.cross_attentions[-1][0].mean(0)  # [queries, height * width]
+    height, width = _feature_grid(inputs["pixel_values"].shape[-2:], attention.shape[-1])
 
     # One detection per query, in query order (threshold -1 keeps every query).
     detections = image_processor.post_process_object_detection(
         outputs, threshold=-1.0, target_sizes=torch.tensor([image.size[::-1]])
     )[0]
     queries = detections["scores"].topk(min(top_k, len(detections["scores"]))).indices
-    attention = outputs.cross_attentions[-1][0].mean(0)  # [queries, height * width]
-    maps = [attention[q].reshape(height, width)[:rows, :cols].cpu() for q in queries]
+    maps = [attention[q].reshape(height, width).cpu() for q in queries]
     boxes = Boxes(
         detections["boxes"][queries].cpu(),
         detections["labels"][queries].tolist(),
@@ -73,6 +76,16 @@ def explain(
     """
     if top_k < 1:
         raise ArgumentError(f"top_k must be at least 1, got {top_k}.")
+    family = family_of(load_config(model))
+    if not family.dense_cross_attention:
+        raise ArgumentError(
+            f"explain draws the decoder's cross-attention over the image, which {model} "
+            f"({family.name}) does not have as a map: deformable attention samples a few "
+            f"points per query, and YOLOS has no decoder. It works with "
+            f"{', '.join(f.name for f in FAMILIES if f.dense_cross_attention)} models."
+        )
+    target = Path(output if output is not None else f"{Path(image).stem}_attention.png")
+    [target] = claim_files(target.parent, [target.name])  # before the model is loaded
     detector, processor = load_detector(model, device=device, attn_implementation="eager")
     picture = open_image(Path(image))
     boxes, maps = attention_maps(detector, processor, picture, top_k)
@@ -101,4 +114,15 @@ def explain(
         f"of the top {columns} detections"
     )
     fig.tight_layout()
-    return save_figure(fig, output if output is not None else f"{Path(image).stem}_attention.png")
+    return save_figure(fig, target)
+
+
+def _feature_grid(input_size: torch.Size, cells: int) -> tuple[int, int]:
+    """The ``(height, width)`` of the stride-32 feature map of an input, from its cell count
+    (convolutions round the size up or down depending on the backbone)."""
+    height, width = input_size
+    for rows in (math.ceil(height / 32), height // 32):
+        for cols in (math.ceil(width / 32), width // 32):
+            if rows * cols == cells:
+                return rows, cols
+    raise RuntimeError(f"No stride-32 grid of {cells} cells fits a {height}x{width} input.")

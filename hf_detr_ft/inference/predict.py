@@ -44,6 +44,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
+from ..artifacts.output_files import claim_files
 from ..artifacts.pictures import Boxes, draw_boxes
 from ..data.formats.voc import IMAGE_EXTENSIONS
 from ..data.image_files import (
@@ -195,10 +196,9 @@ def predict(
     detector, processor = load_detector(model, device=device)
     class_names = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-
     pictures = _picture_names(files) if out is not None else {}
+    if out is not None:  # never over the inputs, or any file hf-detr-ft did not write
+        claim_files(out, [PREDICTIONS_FILE, *pictures.values()])
     found: dict[Path, ImagePrediction] = {}
     unreadable: list[str] = []
     batches = _batches(_by_aspect_ratio(files), batch_size)

@@ -1,28 +1,35 @@
 """Load a DETR-family checkpoint with a new label map, and its image processor.
 
 Everything in the checkpoint is transferred except the tensors whose shape depends on the
-number of classes (for DETR only ``class_labels_classifier``), which are re-initialised
+number of classes (for DETR only ``class_labels_classifier``; RT-DETR also has its encoder's
+score head and denoising class embedding), which are re-initialised
 (``ignore_mismatched_sizes``) and logged by name, so users can see what is learned from scratch.
+What differs per model type (query count, frozen backbone parts, input sizes) comes from
+:mod:`.families`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import math
 from pathlib import Path
 
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..errors import ModelLoadError
+from ..errors import ArgumentError, ModelLoadError
+from .families import Family, family_of
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "facebook/detr-resnet-50"
-
-#: The ResNet stages DETR trains (``train_backbone`` in the original code): all but the stem and
-#: the first stage. Names as in timm (``layer2``-``layer4``) and transformers (``stages.1``-).
-_TRAINED_RESNET_STAGE = re.compile(r"\.(layer[2-9]|stages\.[1-9])\.")
 
 
 def load_model(
@@ -45,7 +52,9 @@ def load_model(
     label2id = {name: i for i, name in id2label.items()}
     if num_queries is not None and num_queries < 1:
         raise ModelLoadError(f"num_queries must be at least 1, got {num_queries}.")
-    overrides = {} if num_queries is None else {"num_queries": num_queries}
+    config = load_config(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    family = family_of(config)
+    overrides = {} if num_queries is None else {family.query_count: num_queries}
     try:
         model, info = AutoModelForObjectDetection.from_pretrained(
             str(model_name_or_path),
@@ -85,52 +94,109 @@ def load_model(
     return model
 
 
-def freeze_backbone_stem(model: PreTrainedModel) -> None:
-    """Freeze a ResNet backbone's stem and first stage and train the rest, as DETR does.
+def load_config(
+    model_name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PretrainedConfig:
+    """The checkpoint's config (read before the weights, to know its family)."""
+    try:
+        return AutoConfig.from_pretrained(
+            str(model_name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ModelLoadError(_cannot_load_message(model_name_or_path, err)) from err
+    except ValueError as err:  # a config.json of no model type transformers knows
+        raise ModelLoadError(
+            f"Cannot read the model config of {model_name_or_path}: {err}"
+        ) from err
 
-    Why explicit: transformers 5 applies DETR's own freezing inconsistently (a model built from
-    a config freezes the whole transformers ResNet, ``from_pretrained`` freezes nothing), so the
-    choice is made here once for every way a model is loaded. Backbones that are not ResNets
-    (no ``layerN`` / ``stages.N`` names) are left as they are.
+
+def freeze_backbone_stem(model: PreTrainedModel) -> None:
+    """Freeze what the family's recipe keeps frozen (:attr:`~.families.Family.frozen`: DETR's
+    ResNet stem and first stage, RT-DETR's and D-FINE's stem) and train the rest of the backbone.
+
+    Why explicit: transformers 5 applies the families' own freezing inconsistently (a DETR built
+    from a config freezes the whole transformers ResNet, ``from_pretrained`` freezes nothing),
+    so the choice is made here once for every way a model is loaded. Only backbone parameters
+    are touched (other frozen parameters, such as D-FINE's constants, stay frozen), and a
+    pattern that would freeze the whole backbone (a backbone of another naming) freezes nothing.
     """
-    backbone = [(n, p) for n, p in model.named_parameters() if "backbone" in n]
-    if not any(_TRAINED_RESNET_STAGE.search(name) for name, _ in backbone):
+    family = family_of(model.config)
+    backbone = [(n, p) for n, p in model.named_parameters() if family.is_backbone(n)]
+    frozen = [family.is_frozen(name) for name, _ in backbone]
+    if not any(frozen) or all(frozen):
         return
-    for name, param in backbone:
-        param.requires_grad_(bool(_TRAINED_RESNET_STAGE.search(name)))
-    frozen = sum(p.numel() for _, p in backbone if not p.requires_grad)
-    logger.info("Backbone stem and first stage frozen (%d parameters), as in DETR.", frozen)
+    for (_, param), freeze in zip(backbone, frozen):
+        param.requires_grad_(not freeze)
+    count = sum(p.numel() for (_, p), freeze in zip(backbone, frozen) if freeze)
+    logger.info("Backbone stem frozen (%d parameters), as in %s's recipe.", count, family.name)
 
 
 def load_image_processor(
     model_name_or_path: str | Path,
     *,
-    image_size: int = 800,
-    max_image_size: int = 1333,
+    image_size: int | None = None,
+    max_image_size: int | None = None,
     revision: str | None = None,
 ) -> BaseImageProcessor:
-    """The checkpoint's image processor, resizing to ``image_size`` / ``max_image_size``.
+    """The checkpoint's image processor, resizing the way its family's models take images.
 
-    The shortest edge becomes ``image_size`` unless the longest would then exceed
-    ``max_image_size``, which wins: ``max_image_size=600`` alone caps every image's longest
-    edge at 600, as the transformers example's ``image_square_size`` does (without padding to
-    a square). A checkpoint without a ``preprocessor_config.json`` (e.g. one saved with only
-    ``model.save_pretrained``) gets DETR's standard processor.
+    * Families with variable input sizes (DETR, Conditional/DAB/Deformable DETR, YOLOS): the
+      shortest edge becomes ``image_size`` unless the longest would then exceed
+      ``max_image_size``, which wins: ``max_image_size=600`` alone caps every image's longest
+      edge at 600, as the transformers example's ``image_square_size`` does.
+    * Families with fixed square inputs (RT-DETR, D-FINE, DEIMv2, LW-DETR, RF-DETR): every
+      image becomes ``S x S``, ``S = min(image_size, max_image_size)`` rounded to the multiple
+      of the model's stride or windows (:attr:`~.families.Family.size_multiple`).
+
+    ``None`` keeps the checkpoint's own size (else the family's default). A checkpoint without
+    a ``preprocessor_config.json`` gets its family's processor class (DETR's when the folder
+    holds no model config either).
     """
-    if min(image_size, max_image_size) < 1:
-        raise ValueError(
-            f"image_size and max_image_size must be positive, got {image_size}, {max_image_size}."
-        )
-    size = {"shortest_edge": image_size, "longest_edge": max_image_size}
+    for name, value in (("image_size", image_size), ("max_image_size", max_image_size)):
+        if value is not None and value < 1:
+            raise ArgumentError(f"{name} must be positive, got {value}.")
     try:
-        return AutoImageProcessor.from_pretrained(
-            str(model_name_or_path), size=size, revision=revision
-        )
-    except OSError:
-        from transformers import DetrImageProcessor
+        config = load_config(model_name_or_path, revision=revision)
+    except ModelLoadError:
+        config = None  # a folder with only a processor, or nothing: DETR's defaults
+    family = family_of(config or "detr")
+    processor = _saved_or_default_processor(model_name_or_path, family, revision)
+    processor.size = _size_rule(family, config, dict(processor.size), image_size, max_image_size)
+    return processor
 
-        logger.info("No image processor saved with %s; using DETR's default.", model_name_or_path)
-        return DetrImageProcessor(size=size)
+
+def _saved_or_default_processor(
+    model_name_or_path: str | Path, family: Family, revision: str | None
+) -> BaseImageProcessor:
+    try:
+        return AutoImageProcessor.from_pretrained(str(model_name_or_path), revision=revision)
+    except (OSError, ValueError):  # none saved, or a type without an Auto entry (D-FINE, ...)
+        logger.info(
+            "No image processor saved with %s; using %s's default (%s).",
+            model_name_or_path,
+            family.name,
+            family.processor,
+        )
+        return getattr(transformers, family.processor)()
+
+
+def _size_rule(
+    family: Family,
+    config: PretrainedConfig | None,
+    saved: dict[str, int | None],
+    image_size: int | None,
+    max_image_size: int | None,
+) -> dict[str, int]:
+    """The processor's ``size`` for the family's input contract (see load_image_processor)."""
+    saved_side = saved.get("shortest_edge") or saved.get("height")
+    side = image_size or saved_side or family.default_image_size
+    if family.square_input:
+        side = min(side, max_image_size or side)
+        multiple = family.size_multiple(config) if config is not None else 1
+        side = max(multiple, round(side / multiple) * multiple)
+        return {"height": side, "width": side}
+    longest = max_image_size or saved.get("longest_edge") or math.ceil(side * 1333 / 800)
+    return {"shortest_edge": side, "longest_edge": longest}
 
 
 def _cannot_load_message(model_name_or_path: str | Path, err: OSError) -> str:

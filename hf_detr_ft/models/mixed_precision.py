@@ -6,6 +6,8 @@ up to 1/512 of the image, which is the scale of the IoU steps that COCO's mAP@[.
 The decoder's output is already fp32 (autocast runs layer norms in fp32), so the small heads
 (class logits, box MLP: a tiny share of the compute) run outside autocast and give the loss and
 the evaluation fp32 logits and boxes. The effect on mAP is measured in benchmarks/README.md.
+Which modules are heads is the family's (:meth:`~.families.Family.is_head`): DETR's class and
+box heads, the per-layer heads of Deformable DETR and RT-DETR, their two-stage encoder heads.
 
 Each head gets a subclass of its own class whose ``forward`` runs inside
 ``torch.autocast(enabled=False)``: a ``with`` block in ``forward`` is exception-safe, thread-safe
@@ -23,8 +25,7 @@ from typing import Any, SupportsIndex
 import torch
 from torch import nn
 
-#: The class and box heads of DETR (and Conditional DETR) models.
-HEAD_NAMES = ("class_labels_classifier", "bbox_predictor")
+from .families import family_of
 
 
 class _Fp32Forward:
@@ -56,10 +57,12 @@ def _new_fp32_head(cls: type[nn.Module]) -> nn.Module:
 
 
 def keep_heads_in_fp32(model: nn.Module) -> int:
-    """Run the model's prediction heads (:data:`HEAD_NAMES`) in fp32 under autocast; returns
-    how many. Parameters, state dict and outputs without autocast are unchanged."""
-    heads = [getattr(model, name, None) for name in HEAD_NAMES]
-    heads = [head for head in heads if isinstance(head, nn.Module)]
+    """Run the model's prediction heads (its family's :meth:`~.families.Family.is_head`) in
+    fp32 under autocast; returns how many. Parameters, state dict and outputs without autocast
+    are unchanged. A head shared under two names (DAB-DETR's box head, RT-DETRv2's per-layer
+    heads) is one module, wrapped once."""
+    family = family_of(model.config)
+    heads = [module for name, module in model.named_modules() if family.is_head(name)]
     for head in heads:
         if not isinstance(head, _Fp32Forward):
             head.__class__ = _fp32_class(type(head))

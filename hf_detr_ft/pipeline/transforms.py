@@ -5,9 +5,10 @@ batch that the data loader reads, so nothing is precomputed or cached on disk. P
 
 1. (training only) albumentations, bbox-aware: horizontal flip, a crop that keeps every box
    (``BBoxSafeRandomCrop``) and brightness/contrast jitter;
-2. ``DetrImageProcessor`` resizes (shortest edge ``image_size``, longest edge at most
-   ``max_image_size``; in training the shortest edge is drawn from ``train_scales`` — DETR's
-   multi-scale jitter), normalises, and converts the COCO boxes into DETR's targets:
+2. the model's own image processor resizes by its size rule (DETR-style: shortest edge
+   ``image_size``, longest at most ``max_image_size``; RT-DETR-style: a fixed square), in
+   training at a size drawn by :func:`train_sizes` (the family's multi-scale jitter),
+   normalises, and converts the COCO boxes into DETR's targets:
    ``class_labels`` and ``boxes`` as normalised ``(cx, cy, w, h)``, plus ``orig_size``, ``size``,
    ``image_id``, ``area`` and ``iscrowd``.
 
@@ -35,10 +36,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,6 +101,37 @@ def train_scales(image_size: int, min_scale: float = DEFAULT_MIN_SCALE) -> list[
     return sorted({max(16, round(image_size * f)) for f in factors})
 
 
+def train_sizes(
+    size: Mapping[str, int | None],
+    min_scale: float = DEFAULT_MIN_SCALE,
+    max_scale: float = 1.0,
+    multiple: int = 1,
+) -> list[dict[str, int]]:
+    """The sizes multi-scale training draws from, smallest first, as overrides of the
+    processor's ``size`` rule.
+
+    A shortest-edge rule (DETR) draws the shortest edge in steps of 10 % of it from
+    ``min_scale`` to 1 (:func:`train_scales`). A fixed ``height`` x ``width`` rule (RT-DETR and
+    the other fixed-size families) draws both sides from ``min_scale`` to ``max_scale`` of
+    them, in steps of 32 pixels rounded up to a multiple of ``multiple`` (the model's stride or
+    windows), as RT-DETR's recipe draws 480 to 800 for 640.
+    """
+    if size.get("height") and size.get("width"):
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"min_scale must be in (0, {max_scale}], got {min_scale}.")
+        step = multiple * math.ceil(32 / multiple)
+        sides = [
+            range(
+                max(step, math.ceil(side * min_scale / step) * step),
+                max(step, math.floor(side * max_scale / step) * step) + 1,
+                step,
+            )
+            for side in (size["height"], size["width"])
+        ]
+        return [{"height": h, "width": w} for h, w in zip(*sides)] or [dict(size)]
+    return [{"shortest_edge": edge} for edge in train_scales(size["shortest_edge"], min_scale)]
+
+
 class DetrTransform:
     """For ``Dataset.with_transform``: examples in, ``pixel_values`` and ``labels`` out."""
 
@@ -107,13 +140,17 @@ class DetrTransform:
         image_processor: DetrImageProcessor,
         *,
         augmentation: A.Compose | None = None,
-        scales: Sequence[int] | None = None,
+        scales: Sequence[Mapping[str, int] | int] | None = None,
         seed: int = 0,
         image_cache: DecodedImageCache | None = None,
     ) -> None:
         self.image_processor = image_processor
         self.augmentation = augmentation
-        self.scales = list(scales) if scales else None
+        # A plain number is a shortest edge, as DETR's multi-scale training draws them.
+        self.scales = [
+            dict(scale) if isinstance(scale, Mapping) else {"shortest_edge": scale}
+            for scale in scales or ()
+        ] or None
         self.seed = seed
         self.image_cache = image_cache
         self.epoch = 0
@@ -125,17 +162,21 @@ class DetrTransform:
         seed: int = 0,
         min_scale: float = DEFAULT_MIN_SCALE,
         image_cache_mb: float | None = None,
+        *,
+        max_scale: float = 1.0,
+        size_multiple: int = 1,
     ) -> DetrTransform:
-        """DETR's training transform; decoded images are kept between epochs up to
-        ``image_cache_mb`` (``None``: :func:`~pipeline.image_cache.default_cache_mb`; 0: none).
+        """The training transform: augmentation, then sizes drawn by :func:`train_sizes`
+        (``min_scale`` to ``max_scale`` of the processor's size, each side a multiple of
+        ``size_multiple``); decoded images are kept between epochs up to ``image_cache_mb``
+        (``None``: :func:`~pipeline.image_cache.default_cache_mb`; 0: none).
 
         Evaluation keeps nothing: its memory stays flat in the number of images."""
-        shortest_edge = image_processor.size["shortest_edge"]
         budget = default_cache_mb() if image_cache_mb is None else image_cache_mb
         return cls(
             image_processor,
             augmentation=train_augmentation(),
-            scales=train_scales(shortest_edge, min_scale),
+            scales=train_sizes(dict(image_processor.size), min_scale, max_scale, size_multiple),
             seed=seed,
             image_cache=DecodedImageCache(budget) if budget > 0 else None,
         )
@@ -208,23 +249,8 @@ class DetrTransform:
         when it does not resize."""
         if not self.image_processor.do_resize:
             return None
-        rule = dict(self.image_processor.size)
-        if self.scales:
-            rule["shortest_edge"] = max(self.scales)
-        width, height = size
-        if rule.get("shortest_edge") and rule.get("longest_edge"):
-            new_height, new_width = get_size_with_aspect_ratio(
-                (height, width), rule["shortest_edge"], rule["longest_edge"]
-            )
-        elif rule.get("max_height") and rule.get("max_width"):
-            new_height, new_width = get_image_size_for_max_height_width(
-                (height, width), rule["max_height"], rule["max_width"]
-            )
-        elif rule.get("height") and rule.get("width"):
-            new_height, new_width = rule["height"], rule["width"]
-        else:
-            return None
-        return new_width, new_height
+        rule = {**dict(self.image_processor.size), **(self.scales[-1] if self.scales else {})}
+        return resized_size(rule, size)
 
     def encode(
         self,
@@ -255,7 +281,7 @@ class DetrTransform:
         if pixels is None:  # a processor that resizes its own way: it scales the boxes itself
             pixels, options = (image if image.flags.writeable else image.copy()), {}
             if scale is not None:
-                options["size"] = {**dict(self.image_processor.size), "shortest_edge": scale}
+                options["size"] = {**dict(self.image_processor.size), **scale}
         elif pixels.shape[-2:] != image.shape[:2]:  # as the processor's resize_annotation
             (height, width), (new_height, new_width) = image.shape[:2], pixels.shape[-2:]
             boxes, areas = _scaled(boxes, areas, new_width / width, new_height / height)
@@ -281,6 +307,26 @@ class DetrTransform:
         return encoded
 
 
+def resized_size(rule: Mapping[str, int | None], size: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(width, height)`` an image of ``size`` is resized to by an image processor's
+    ``size`` rule (shortest/longest edge, max height/width, or exact height/width), in the
+    processors' own order; ``None`` for a rule none of them uses."""
+    width, height = size
+    if rule.get("shortest_edge") and rule.get("longest_edge"):
+        new_height, new_width = get_size_with_aspect_ratio(
+            (height, width), rule["shortest_edge"], rule["longest_edge"]
+        )
+    elif rule.get("max_height") and rule.get("max_width"):
+        new_height, new_width = get_image_size_for_max_height_width(
+            (height, width), rule["max_height"], rule["max_width"]
+        )
+    elif rule.get("height") and rule.get("width"):
+        new_height, new_width = rule["height"], rule["width"]
+    else:
+        return None
+    return new_width, new_height
+
+
 def channels_last_view(image: np.ndarray) -> torch.Tensor:
     """An ``(H, W, C)`` array as a ``(C, H, W)`` tensor sharing its memory (channel-last)."""
     if image.strides[0] < 0 or image.strides[1] < 0:  # a flip as a view; torch refuses it
@@ -293,10 +339,12 @@ def channels_last_view(image: np.ndarray) -> torch.Tensor:
 
 
 def resize_for_model(
-    image_processor: BaseImageProcessor, pixels: torch.Tensor, shortest_edge: int | None = None
+    image_processor: BaseImageProcessor,
+    pixels: torch.Tensor,
+    size: Mapping[str, int] | None = None,
 ) -> torch.Tensor | None:
     """``(C, H, W)`` uint8 pixels resized by the processor's own ``resize`` and size rule
-    (``shortest_edge``: a drawn training scale), for the processor to take with
+    (``size``: a drawn training size overriding parts of it), for the processor to take with
     ``do_resize=False``; ``None`` where the processor does not resize, or resizes with a
     backend other than torchvision (it is then left to do so).
 
@@ -307,9 +355,7 @@ def resize_for_model(
     """
     if not (isinstance(image_processor, TorchvisionBackend) and image_processor.do_resize):
         return None
-    rule = dict(image_processor.size)
-    if shortest_edge is not None:
-        rule["shortest_edge"] = shortest_edge
+    rule = {**dict(image_processor.size), **(size or {})}
     return image_processor.resize(pixels, SizeDict(**rule), resample=image_processor.resample)
 
 

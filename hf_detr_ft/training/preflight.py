@@ -34,12 +34,12 @@ from typing import Any
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from transformers import PretrainedConfig, TrainingArguments
-from transformers.image_transforms import get_size_with_aspect_ratio
 
-from ..arguments import DataArguments, effective_batch_size
+from ..arguments import DataArguments, apply_family_recipe, effective_batch_size
 from ..data.dataset_report import SplitStats, split_stats
 from ..errors import PreflightError
-from ..pipeline.transforms import DEFAULT_MIN_SCALE
+from ..models.families import family_of
+from ..pipeline.transforms import DEFAULT_MIN_SCALE, resized_size
 
 PREFLIGHT_REPORT = "preflight_report"
 
@@ -100,11 +100,13 @@ def run_preflight(
     config: PretrainedConfig,
     data_args: DataArguments,
     training_args: TrainingArguments,
+    size_rule: Mapping[str, int] | None = None,
 ) -> PreflightReport:
     """Check, print and save the report (main process), then raise if a check failed.
 
     ``splits`` are the splits as they will be used (after ``max_*_samples``); ``data_args``
-    gives ``image_size`` and ``max_image_size``.
+    gives ``image_size``, ``max_image_size`` and ``min_scale``; ``size_rule`` is the image
+    processor's ``size`` (default: shortest edge ``image_size``, longest ``max_image_size``).
     """
     report = preflight_checks(
         splits,
@@ -112,7 +114,8 @@ def run_preflight(
         image_size=data_args.image_size,
         max_image_size=data_args.max_image_size,
         training_args=training_args,
-        min_scale=data_args.min_scale,
+        min_scale=data_args.min_scale or DEFAULT_MIN_SCALE,
+        size_rule=size_rule,
     )
     if training_args.process_index == 0:
         saved = report.save(training_args.output_dir)
@@ -130,21 +133,27 @@ def preflight_checks(
     max_image_size: int,
     training_args: TrainingArguments,
     min_scale: float = DEFAULT_MIN_SCALE,
+    size_rule: Mapping[str, int] | None = None,
 ) -> PreflightReport:
     """Run every check on ``splits`` (``train`` first) for a model with ``config``.
 
     ``min_scale`` is the smallest training scale (``--min_scale``), named in the warning about
-    tiny objects.
+    tiny objects. Boxes are measured at the size the image processor's ``size_rule`` resizes
+    to (default: shortest edge ``image_size``, longest at most ``max_image_size``).
     """
     class_names = [config.id2label[i] for i in range(len(config.id2label))]
-    scans = {name: _scan(split, image_size, max_image_size) for name, split in splits.items()}
+    family = family_of(config)
+    apply_family_recipe(training_args, family)  # the learning rates the run will use
+    num_queries = family.num_queries(config)
+    rule = size_rule or {"shortest_edge": image_size, "longest_edge": max_image_size}
+    scans = {name: _scan(split, rule) for name, split in splits.items()}
     # Crowd boxes are left out: DETR's targets drop them, so they teach no class.
     classes = {
         name: split_stats(split, class_names, count_crowd=False) for name, split in splits.items()
     }
     report = PreflightReport()
     report.stats.update(
-        num_queries=config.num_queries,
+        num_queries=num_queries,
         image_size=image_size,
         max_image_size=max_image_size,
         tiny_object_pixels=TINY_OBJECT_PIXELS,
@@ -157,7 +166,7 @@ def preflight_checks(
             for name, scan in scans.items()
         },
     )
-    _check_queries(report, splits, scans, config.num_queries)
+    _check_queries(report, splits, scans, num_queries)
     _check_object_sizes(report, scans, image_size, max_image_size, min_scale)
     _check_classes(report, classes)
     _check_batch_and_learning_rates(report, training_args)
@@ -188,7 +197,7 @@ class _SplitScan:
         }
 
 
-def _scan(split: Dataset, image_size: int, max_image_size: int) -> _SplitScan:
+def _scan(split: Dataset, size_rule: Mapping[str, int]) -> _SplitScan:
     scan = _SplitScan()
     rows = split.select_columns(["width", "height", "objects"])
     for row_index, row in enumerate(rows):
@@ -196,10 +205,7 @@ def _scan(split: Dataset, image_size: int, max_image_size: int) -> _SplitScan:
         # DETR's processor drops crowd boxes from the targets, so they take no query.
         kept = [box for box, crowd in zip(objects["bbox"], objects["iscrowd"]) if not crowd]
         height, width = row["height"], row["width"]
-        # Exactly the processor's resize: shortest edge image_size, longest <= max_image_size.
-        new_height, new_width = get_size_with_aspect_ratio(
-            (height, width), image_size, max_image_size
-        )
+        new_width, new_height = resized_size(size_rule, (width, height))  # as the processor
         scale_x, scale_y = new_width / width, new_height / height
         scan.images += 1
         scan.boxes += len(kept)

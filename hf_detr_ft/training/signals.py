@@ -218,11 +218,17 @@ def _finite_weights(model: nn.Module | None) -> bool:
 
 
 def _recipe(args: TrainingArguments) -> str:
-    lr_backbone = getattr(args, "lr_backbone", args.learning_rate)
-    return (
-        f"learning_rate {args.learning_rate:g}, lr_backbone {lr_backbone:g}, effective batch "
-        f"{effective_batch_size(args)}, max_grad_norm {args.max_grad_norm:g}"
-    )
+    """The settings that decide whether DETR learns (unset ones: the family's defaults)."""
+    values = {
+        name: getattr(args, name, None)
+        for name in ("learning_rate", "lr_backbone", "max_grad_norm")
+    }
+    settings = [
+        f"{name} {value:g}" if value is not None else f"{name} (the family's default)"
+        for name, value in values.items()
+    ]
+    settings.insert(2, f"effective batch {effective_batch_size(args)}")
+    return ", ".join(settings)
 
 
 def _divergence_message(args: TrainingArguments, state: TrainerState, what: str, step: int) -> str:

@@ -1,8 +1,11 @@
 """``DetrTrainer``: ``transformers.Trainer`` with DETR's optimizer and COCO evaluation.
 
-* Optimizer: the Trainer's own (``--optim``, AdamW by default) with four parameter groups:
-  backbone / rest x weight decay / none. The backbone learns at ``lr_backbone``, the rest at
-  ``learning_rate``, as in DETR. The scheduler scales both.
+* Optimizer: the Trainer's own (``--optim``, AdamW by default) with one parameter group per
+  learning rate and weight decay (:func:`parameter_learning_rates`). The family's backbone
+  (:meth:`~models.families.Family.is_backbone`) learns at ``lr_backbone``, the rest at
+  ``learning_rate``, as in DETR; a ViT backbone with a layer decay in its family's recipe
+  (LW-DETR, RF-DETR) learns slower the closer a layer is to the input. Frozen parameters are
+  left out. The scheduler scales every group.
 * Checkpoint loading (resume, best model at the end): transformers 5 saves DETR weights under
   the checkpoint format's key names, which the Trainer's raw ``load_state_dict`` does not map
   back, so it would silently keep the current weights. Weights are loaded through
@@ -36,18 +39,23 @@
   (``eval_loss_ce``, ``eval_loss_bbox``, ``eval_loss_giou``, ``eval_cardinality_error``), the 12
   COCO numbers (``eval_map`` ...) and ``eval_ap_<class>`` / ``eval_ar_<class>``.
 * Training signals (what the original DETR logs, so a run that does not learn shows it): every
-  training log adds ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``cardinality_error`` and
-  ``class_error`` averaged over the logging interval (the Trainer adds ``grad_norm``);
-  evaluation adds ``eval_class_error``. ``class_error`` is the percentage of Hungarian-matched
-  queries whose top class is wrong (100 - accuracy), see :func:`count_class_errors`.
+  training log adds the model's main loss terms (DETR: ``loss_ce``, ``loss_bbox``,
+  ``loss_giou``, ``cardinality_error``; RT-DETR: ``loss_vfl``, ``loss_bbox``, ``loss_giou``,
+  already weighted by transformers) and ``class_error``, averaged over the logging interval
+  (the Trainer adds ``grad_norm``); evaluation adds ``eval_class_error``. ``class_error`` is
+  the percentage of Hungarian-matched queries whose top class is wrong (100 - accuracy), see
+  :func:`count_class_errors`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -56,12 +64,15 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import PretrainedConfig, Trainer
 from transformers.loss.loss_for_object_detection import HungarianMatcher
+from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from ..arguments import apply_family_recipe
 from ..artifacts.hub import create_hub_repo, push_output_dir
 from ..errors import ArgumentError
 from ..evaluation.coco_metrics import CocoEvaluator
+from ..models.families import Family, family_of
 from ..models.mixed_precision import keep_heads_in_fp32
 from ..models.speedups import apply_speedups
 from ..pipeline.sampler import AspectRatioGroupedSampler, AspectRatioSortedSampler
@@ -74,10 +85,89 @@ from .ema import (
 )
 from .loss_normalisation import corrected_loss_normalisation
 
+#: The focal class cost's alpha and gamma where a family's config has no matcher values of its
+#: own: what transformers' Deformable DETR and LW-DETR matchers hard-code (``focal_alpha`` in
+#: their configs weighs the loss, not the matching).
+FOCAL_MATCHER_ALPHA = 0.25
+FOCAL_MATCHER_GAMMA = 2.0
 
-def is_backbone_parameter(name: str) -> bool:
-    """DETR-family models keep their CNN under a module named ``backbone``."""
-    return "backbone" in name
+#: Loss-dict names of the auxiliary terms: per decoder layer (``_0``, ``_aux_0``), denoising
+#: (``_dn_0``) and encoder proposals (``_enc``). Only the main terms are logged.
+_AUXILIARY_TERM = re.compile(r"_(aux|dn|enc)(_\d+)?$|_\d+$")
+
+
+def is_backbone_parameter(name: str, config: PretrainedConfig) -> bool:
+    """Whether parameter ``name`` learns at ``lr_backbone``: its family's backbone pattern
+    (not every family names its backbone ``backbone``, and LW-DETR's neck sits under one)."""
+    return family_of(config).is_backbone(name)
+
+
+def parameter_learning_rates(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    config: PretrainedConfig,
+    learning_rate: float,
+    lr_backbone: float,
+) -> dict[str, float]:
+    """The learning rate of each trainable parameter, by name (frozen ones are left out).
+
+    Backbone parameters learn at ``lr_backbone``. With a layer decay ``d`` in the family's
+    recipe, layer ``i`` of a ViT backbone of ``L`` layers learns at ``lr_backbone * d**(L - i)``
+    and what has no layer index (the embeddings) at ``lr_backbone * d**(L + 1)``: the layers
+    nearest the input hold the most general pretrained features, so they move least.
+    """
+    family = family_of(config)
+    named = list(named_parameters)
+    layers = {family.backbone_layer_of(name) for name, _ in named if family.is_backbone(name)}
+    num_layers = len(layers - {None})
+    return {
+        name: (
+            _backbone_rate(family, name, lr_backbone, num_layers)
+            if family.is_backbone(name)
+            else learning_rate
+        )
+        for name, param in named
+        if param.requires_grad
+    }
+
+
+def _backbone_rate(family: Family, name: str, lr_backbone: float, num_layers: int) -> float:
+    """``lr_backbone``, decayed by the parameter's depth in a ViT backbone (see above)."""
+    decay = family.recipe.layer_decay
+    if decay is None or not num_layers:
+        return lr_backbone
+    layer = family.backbone_layer_of(name)
+    return lr_backbone * decay ** (num_layers + 1 if layer is None else num_layers - layer)
+
+
+def matched_queries(tensor: torch.Tensor, config: PretrainedConfig) -> torch.Tensor:
+    """The ``[batch, queries, ...]`` outputs of the model's own queries, those its matching and
+    its predictions use: in training RT-DETR's outputs start with denoising queries and group
+    DETR's (LW-DETR, RF-DETR) hold every group, group 0 first (the one kept for inference)."""
+    family = family_of(config)
+    count = family.num_queries(config)
+    rule = family.training_queries
+    chosen = {"all": slice(None), "first": slice(None, count), "last": slice(-count, None)}
+    if rule not in chosen:
+        raise ValueError(f"Unknown training_queries rule {rule!r} of {family.name}.")
+    return tensor[:, chosen[rule]]
+
+
+def _matcher(config: PretrainedConfig) -> nn.Module:
+    """The Hungarian matcher of the model's loss: softmax class cost (DETR, with a no-object
+    class) or focal class cost on sigmoid scores, with the model's matching costs."""
+    family = family_of(config)
+    class_cost, bbox_cost, giou_cost = family.matcher_cost_values(config)
+    if not family.sigmoid_classes:
+        return HungarianMatcher(class_cost=class_cost, bbox_cost=bbox_cost, giou_cost=giou_cost)
+    focal = SimpleNamespace(
+        matcher_class_cost=class_cost,
+        matcher_bbox_cost=bbox_cost,
+        matcher_giou_cost=giou_cost,
+        use_focal_loss=True,
+        matcher_alpha=getattr(config, "matcher_alpha", FOCAL_MATCHER_ALPHA),
+        matcher_gamma=getattr(config, "matcher_gamma", FOCAL_MATCHER_GAMMA),
+    )
+    return RTDetrHungarianMatcher(focal)
 
 
 def count_class_errors(
@@ -88,17 +178,17 @@ def count_class_errors(
 ) -> tuple[int, int]:
     """``(wrong, matched)``: matched queries whose top class is wrong, and all matched queries.
 
-    Queries are matched to the targets by transformers' ``HungarianMatcher`` with the model's
-    matching costs, as in the loss. A matched query is wrong when its highest logit (the
-    no-object class included) is not its target's class; DETR logs ``100 * wrong / matched``
-    as ``class_error``.
+    The model's own queries (:func:`matched_queries`) are matched to the targets by the
+    matcher of its loss, with its matching costs (:func:`_matcher`). A matched query is wrong
+    when its highest logit is not its target's class: over every class and no-object for
+    softmax models, over the classes' sigmoid scores for the others. DETR logs
+    ``100 * wrong / matched`` as ``class_error``.
     """
     if not any(len(target["class_labels"]) for target in labels):
         return 0, 0  # nothing to match (and the matcher cannot take an empty batch)
-    matcher = HungarianMatcher(
-        class_cost=config.class_cost, bbox_cost=config.bbox_cost, giou_cost=config.giou_cost
-    )
-    indices = matcher({"logits": logits.detach(), "pred_boxes": pred_boxes.detach()}, labels)
+    logits = matched_queries(logits.detach(), config)
+    pred_boxes = matched_queries(pred_boxes.detach(), config)
+    indices = _matcher(config)({"logits": logits, "pred_boxes": pred_boxes}, labels)
     wrong = matched = 0
     for image_logits, target, (queries, targets) in zip(logits, labels, indices):
         predicted = image_logits[queries].argmax(-1)
@@ -107,11 +197,17 @@ def count_class_errors(
     return wrong, matched
 
 
+def main_loss_terms(loss_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The loss terms of the final predictions, without the per-layer, denoising and encoder
+    copies (RT-DETR has dozens of them; a log of every one hides the ones that matter)."""
+    return {name: v for name, v in (loss_dict or {}).items() if not _AUXILIARY_TERM.search(name)}
+
+
 def add_training_signals(
     totals: dict[str, float], outputs: Any, labels: list[dict], config: PretrainedConfig
 ) -> None:
-    """Add one batch's DETR loss terms (weighted by its images) and class errors to ``totals``."""
-    for name, value in (outputs.loss_dict or {}).items():
+    """Add one batch's main loss terms (weighted by its images) and class errors to ``totals``."""
+    for name, value in main_loss_terms(outputs.loss_dict).items():
         totals[name] += float(value.detach()) * len(labels)
     totals["_images"] += len(labels)
     wrong, matched = count_class_errors(outputs.logits, outputs.pred_boxes, labels, config)
@@ -135,6 +231,9 @@ class DetrTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.model is not None:
+            # Options left unset take the family's recipe (the optimizer, clipping and weight
+            # average below read them).
+            apply_family_recipe(self.args, family_of(self.model.config))
             apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
             keep_heads_in_fp32(self.model)  # however autocast is turned on: flags, accelerate
         self._weight_average = self._create_weight_average()
@@ -145,7 +244,7 @@ class DetrTrainer(Trainer):
 
     def _create_weight_average(self) -> WeightAverage | None:
         """The EMA of the weights asked for by ``ema_decay``, updated after each optimizer step."""
-        decay = getattr(self.args, "ema_decay", 0.0)
+        decay = getattr(self.args, "ema_decay", None) or 0.0
         if not decay or self.model is None:
             return None
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -210,26 +309,31 @@ class DetrTrainer(Trainer):
         return sizes["width"], sizes["height"]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer over one group per (learning rate, weight decay) pair."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(opt_model))
-        lr_backbone = getattr(self.args, "lr_backbone", self.args.learning_rate)
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
-        for name, param in opt_model.named_parameters():
-            if param.requires_grad:
-                groups[(is_backbone_parameter(name), name in decay)].append(param)
-        param_groups = [
-            {
-                "params": params,
-                "lr": lr_backbone if in_backbone else self.args.learning_rate,
-                "weight_decay": self.args.weight_decay if decays else 0.0,
-            }
-            for (in_backbone, decays), params in sorted(groups.items())
-        ]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        self.optimizer = optimizer_cls(self._parameter_groups(opt_model), **optimizer_kwargs)
         return self.optimizer
+
+    def _parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by rate (:func:`parameter_learning_rates`) and weight
+        decay (none for biases and norms, as the Trainer decides), ``learning_rate`` first:
+        the Trainer logs the first group's rate as ``learning_rate``."""
+        decay = set(self.get_decay_parameter_names(model))
+        config = self.accelerator.unwrap_model(model).config
+        lr_backbone = getattr(self.args, "lr_backbone", self.args.learning_rate)
+        rates = parameter_learning_rates(
+            model.named_parameters(), config, self.args.learning_rate, lr_backbone
+        )
+        groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
+        for name, param in model.named_parameters():
+            if name in rates:
+                weight_decay = self.args.weight_decay if name in decay else 0.0
+                groups[(rates[name], weight_decay)].append(param)
+        order = sorted(groups, key=lambda key: (key[0] != self.args.learning_rate, -key[0], key[1]))
+        return [{"params": groups[lr, wd], "lr": lr, "weight_decay": wd} for lr, wd in order]
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
