@@ -11,10 +11,14 @@ flag on ``hf-detr-ft train`` and ``examples/train.py``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -55,6 +59,9 @@ class ModelArguments:
             "on by default here). false makes such a difference an error instead."
         },
     )
+
+    def __post_init__(self) -> None:
+        _check_at_least("num_queries", self.num_queries, 1, optional=True)
 
 
 @dataclass
@@ -142,6 +149,12 @@ class DataArguments:
             "max_eval_samples",
         ):
             _check_at_least(name, getattr(self, name), 1, optional=True)
+        for name in ("image_size", "max_image_size"):
+            if (getattr(self, name) or 0) > MAX_IMAGE_SIDE:
+                raise ArgumentError(
+                    f"{name} must be at most {MAX_IMAGE_SIDE} pixels, got {getattr(self, name)}: "
+                    "larger than any detector's input (DETR trains at 800, RT-DETR at 640)."
+                )
         if not 0 <= self.validation_fraction < 1:
             raise ArgumentError(
                 f"validation_fraction must be at least 0 and below 1, got "
@@ -149,10 +162,7 @@ class DataArguments:
             )
         if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise ArgumentError(f"min_scale must be in (0, 1], got {self.min_scale}.")
-        if self.image_cache_mb is not None and self.image_cache_mb < 0:
-            raise ArgumentError(
-                f"image_cache_mb must be 0 (no cache) or more, got {self.image_cache_mb}."
-            )
+        _check_at_least("image_cache_mb", self.image_cache_mb, 0, optional=True)
 
 
 @dataclass
@@ -298,9 +308,9 @@ class DetrTrainingArguments(TrainingArguments):
             self.bf16, self.fp16 = chosen == "bf16", chosen == "fp16"
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
             _check_at_least(name, getattr(self, name), 1)
-        if self.max_steps <= 0 and not self.num_train_epochs > 0:  # also refuses NaN
+        if self.max_steps <= 0 and not 0 < self.num_train_epochs < math.inf:  # NaN too
             raise ArgumentError(
-                f"num_train_epochs must be positive (or max_steps set), got "
+                f"num_train_epochs must be positive and finite (or max_steps set), got "
                 f"{self.num_train_epochs}: the run would train nothing."
             )
         for name in ("learning_rate", "lr_backbone", "weight_decay", "max_grad_norm"):
@@ -314,8 +324,8 @@ class DetrTrainingArguments(TrainingArguments):
             raise ArgumentError(
                 f"ema_decay must be at least 0 (off) and below 1, got {self.ema_decay}."
             )
-        if self.ema_tau is not None and self.ema_tau <= 0:
-            raise ArgumentError(f"ema_tau must be positive, got {self.ema_tau}.")
+        if self.ema_tau is not None and not 0 < self.ema_tau < math.inf:
+            raise ArgumentError(f"ema_tau must be positive and finite, got {self.ema_tau}.")
 
     def _mixed_precision_configured(self) -> bool:
         """Mixed precision chosen by the user: a flag, accelerate's config (its environment
@@ -349,6 +359,9 @@ def _check_at_least(name: str, value: float | None, low: float, optional: bool =
     if value is None or not math.isfinite(value) or value < low:
         raise ArgumentError(f"{name} must be a number of at least {low:g}, got {value}.")
 
+
+#: The largest image side accepted: beyond it, a run needs more memory than any machine has.
+MAX_IMAGE_SIDE = 8192
 
 #: The training options a family's recipe fills when the user leaves them unset.
 RECIPE_OPTIONS = (
@@ -422,9 +435,36 @@ def default_num_workers() -> int:
 def parse_train_args(
     argv: list[str] | None = None, prog: str | None = None
 ) -> tuple[ModelArguments, DataArguments, DetrTrainingArguments]:
-    """Parse command-line flags (or one JSON/YAML file of them) into the three dataclasses."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, DetrTrainingArguments), prog=prog)
-    if argv and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+    """Parse command-line flags (or one JSON/YAML file of them) into the three dataclasses.
+
+    Every mistake becomes one :class:`ArgumentError` line: an unknown flag or key (with the
+    closest known name), a missing or unreadable config file, and a combination of values
+    that ``TrainingArguments`` refuses.
+    """
+    classes = (ModelArguments, DataArguments, DetrTrainingArguments)
+    parser = HfArgumentParser(classes, prog=prog)
+    is_file = bool(argv) and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
+    try:
+        if not is_file:
+            return parser.parse_args_into_dataclasses(args=argv)
+        if not Path(argv[0]).is_file():
+            raise ArgumentError(f"Config file {argv[0]} does not exist.")
         parse_file = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         return parse_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    except ArgumentError:
+        raise
+    except (ValueError, TypeError, OSError) as err:  # unknown keys, refused combinations
+        where = f" in {argv[0]}" if is_file else ""
+        raise ArgumentError(f"{_with_suggestions(str(err), classes)}{where}") from err
+
+
+def _with_suggestions(message: str, classes: tuple[type, ...]) -> str:
+    """``message`` on one line, with the closest known option for each unknown one it names."""
+    known = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+    unknown = re.findall(r"'-*([A-Za-z_][\w-]*)'", message) if "not used" in message else []
+    hints = [
+        f"{name!r}: did you mean {close[0]!r}?"
+        for name in unknown
+        if (close := difflib.get_close_matches(name, known, n=1))
+    ]
+    return " ".join([" ".join(message.split()), *hints])
