@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import pytest
 from hf_detr_ft import finetune, predict
 from hf_detr_ft.artifacts.output_files import MANIFEST, claim_files
 from hf_detr_ft.cli import main as cli_main
-from hf_detr_ft.errors import OutputDirError
+from hf_detr_ft.data.dataset import load_detection_dataset
+from hf_detr_ft.errors import DatasetError, OutputDirError
 
 
 def test_new_files_and_our_own_files_may_be_written_others_never(tmp_path: Path) -> None:
@@ -79,3 +82,45 @@ def test_explain_and_inspect_refuse_to_overwrite(tiny_model_dir, shapes_dir, tmp
     assert cli_main(["inspect", str(shapes_dir), "--output_dir", str(tmp_path)]) == 2
     assert (tmp_path / "dataset_report.json").read_text() == "{}"
     assert capsys.readouterr().err.count("not written by hf-detr-ft") == 2
+
+
+def test_inputs_that_cannot_work_are_one_line(tiny_model_dir, shapes_dir, tmp_path, capsys):
+    """A missing or non-image file to explain; a report drawn with another dataset's classes."""
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a picture")
+    for image in (tmp_path / "missing.jpg", not_an_image, tmp_path):
+        assert cli_main(["explain", str(image), "--model", str(tiny_model_dir)]) == 2
+        assert f"Cannot read the image {image}" in capsys.readouterr().err
+    run = tmp_path / "run"
+    finetune(
+        shapes_dir,
+        3,
+        model=tiny_model_dir,
+        output_dir=run,
+        max_steps=1,
+        image_size=64,
+        max_image_size=64,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+    )
+    other = Path(shutil.copytree(shapes_dir, tmp_path / "other"))
+    for path in other.glob("*/_annotations.coco.json"):  # the same data, one class renamed
+        coco = json.loads(path.read_text())
+        for category in coco["categories"]:
+            category["name"] = {"circle": "disc"}.get(category["name"], category["name"])
+        path.write_text(json.dumps(coco))
+    assert cli_main(["report", str(run), "--dataset_dir", str(other)]) == 2
+    assert "predicts the classes ['circle', 'square', 'triangle']" in capsys.readouterr().err
+
+
+def test_duplicate_class_names_are_refused(shapes_dir, tmp_path) -> None:
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    coco = json.loads((shapes_dir / "train" / "_annotations.coco.json").read_text())
+    for category in coco["categories"]:
+        category["name"] = {"square": "circle"}.get(category["name"], category["name"])
+    (data / "_annotations.coco.json").write_text(json.dumps(coco))
+    with pytest.raises(DatasetError, match=r"'circle' \(category ids \[\d, \d\]\)"):
+        load_detection_dataset(tmp_path / "data")

@@ -28,6 +28,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from ..errors import ReportError
 from ..inference.detect import detect
 from ..inference.predict import load_detector
+from ..models.loading import check_model_classes
 from ..training.checkpoints import TRAINER_STATE_NAME, last_complete_checkpoint
 from .output_files import claim_files
 from .pictures import Boxes, save_comparison_grid, save_figure, subplots
@@ -104,9 +105,10 @@ def save_sample_predictions(
     threshold: float = 0.5,
 ) -> Path:
     """The first ``count`` images of a detection split: ground truth next to predictions."""
+    class_names = dataset.features["objects"]["category"].feature.names
+    check_model_classes(model.config, class_names, "of this run", "the dataset given")
     samples = dataset.select(range(min(count, len(dataset))))
     images = list(samples["image"])
-    class_names = samples.features["objects"]["category"].feature.names
     truth = [Boxes.from_coco(o["bbox"], o["category"]) for o in samples["objects"]]
     found = detect(model, image_processor, images, threshold=threshold)
     predicted = [Boxes(d["boxes"].cpu(), d["labels"].tolist(), d["scores"].tolist()) for d in found]

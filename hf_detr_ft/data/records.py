@@ -190,6 +190,15 @@ def build_label_map(coco_files: list[CocoFile]) -> LabelMap:
         raise DatasetError(
             f"No categories in {coco_files[0].files.annotation_file}; nothing to learn."
         )
+    names = [str(c["name"]) for c in classes]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        ids = {name: [c["id"] for c in classes if str(c["name"]) == name] for name in twice}
+        raise DatasetError(
+            f"{coco_files[0].files.annotation_file}: the class name(s) "
+            + "; ".join(f"{name!r} (category ids {ids[name]})" for name in twice)
+            + " name several categories; a model's labels must be distinct. Merge or rename them."
+        )
     return LabelMap([str(c["name"]) for c in classes], [int(c["id"]) for c in classes])
 
 

@@ -27,6 +27,7 @@ from ..data.dataset import load_detection_dataset
 from ..data.splits import canonical_split
 from ..errors import ArgumentError, DatasetError
 from ..inference.predict import load_detector
+from ..models.loading import check_model_classes
 from ..pipeline.collate import collate_fn
 from ..pipeline.transforms import DetrTransform
 from ..training.trainer import DetrTrainer
@@ -129,12 +130,7 @@ def evaluate(
     if split not in data.splits:
         raise DatasetError(f"{data.root} has no {split!r} split; it has {', '.join(data.splits)}.")
     detector, processor = load_detector(model, device="cpu")  # the Trainer places it
-    model_classes = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
-    if model_classes != data.class_names:
-        raise DatasetError(
-            f"The model {model} predicts the classes {model_classes}, but {data.root} has the "
-            f"classes {data.class_names}; evaluate on the kind of dataset the model was trained on."
-        )
+    check_model_classes(detector.config, data.class_names, model, data.root)
     dataset = data.splits[split]
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _EvaluationTrainer(

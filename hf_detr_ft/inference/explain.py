@@ -25,7 +25,8 @@ from PIL import Image
 
 from ..artifacts.output_files import claim_files
 from ..artifacts.pictures import Boxes, draw_boxes, save_figure, subplots
-from ..errors import ArgumentError
+from ..data.image_files import IMAGE_ERRORS
+from ..errors import ArgumentError, InputError
 from ..models.families import FAMILIES, family_of
 from ..models.loading import load_config
 from .predict import load_detector, open_image
@@ -84,10 +85,13 @@ def explain(
             f"points per query, and YOLOS has no decoder. It works with "
             f"{', '.join(f.name for f in FAMILIES if f.dense_cross_attention)} models."
         )
+    try:
+        picture = open_image(Path(image))
+    except IMAGE_ERRORS as err:  # missing, a folder, not an image, truncated
+        raise InputError(f"Cannot read the image {image}: {err}") from err
     target = Path(output if output is not None else f"{Path(image).stem}_attention.png")
     [target] = claim_files(target.parent, [target.name])  # before the model is loaded
     detector, processor = load_detector(model, device=device, attn_implementation="eager")
-    picture = open_image(Path(image))
     boxes, maps = attention_maps(detector, processor, picture, top_k)
     class_names = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
 

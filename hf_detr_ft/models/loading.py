@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..errors import ArgumentError, ModelLoadError
+from ..errors import ArgumentError, DatasetError, ModelLoadError
 from .families import Family, family_of
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,19 @@ def _size_rule(
         return {"height": side, "width": side}
     longest = max_image_size or saved.get("longest_edge") or math.ceil(side * 1333 / 800)
     return {"shortest_edge": side, "longest_edge": longest}
+
+
+def check_model_classes(
+    config: PretrainedConfig, class_names: list[str], model: object, data: object
+) -> None:
+    """Refuse to score or draw ``data`` with a model trained on other classes (its numbers
+    and pictures would name the wrong classes)."""
+    model_classes = [config.id2label[i] for i in range(len(config.id2label))]
+    if model_classes != list(class_names):
+        raise DatasetError(
+            f"The model {model} predicts the classes {model_classes}, but {data} has the "
+            f"classes {list(class_names)}; use the kind of dataset the model was trained on."
+        )
 
 
 def _cannot_load_message(model_name_or_path: str | Path, err: OSError) -> str:
