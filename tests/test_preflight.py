@@ -217,3 +217,29 @@ def test_batch_and_learning_rates_against_the_detr_recipe(tiny_model_dir, tmp_pa
     with pytest.raises(PreflightError, match="not_learning_check_after"):
         data_args = DataArguments(dataset_dir=str(root), image_size=64, max_image_size=64)
         run_preflight(splits, config, data_args, args)
+
+
+def test_an_image_that_vanishes_when_resized_is_an_error(tiny_model_dir, tmp_path) -> None:
+    """A 2000x4 strip passes the dataset checks but becomes 0 pixels high at 64: named here."""
+    root = _write_dataset(tmp_path / "data", {"train": {"ok.png": _boxes(1)}, "valid": {}})
+    annotations = root / "train" / "_annotations.coco.json"
+    coco = json.loads(annotations.read_text())
+    Image.new("RGB", (2000, 4)).save(root / "train" / "strip.png")
+    coco["images"].append({"id": 9, "file_name": "strip.png", "width": 2000, "height": 4})
+    coco["annotations"].append({"id": 99, "image_id": 9, "category_id": 1, "bbox": [5, 0, 50, 4]})
+    annotations.write_text(json.dumps(coco))
+    valid = root / "valid"
+    valid.joinpath("_annotations.coco.json").write_text(annotations.read_text())
+    for name in ("ok.png", "strip.png"):
+        valid.joinpath(name).write_bytes((root / "train" / name).read_bytes())
+    config = load_model(tiny_model_dir, CLASSES).config
+    report = preflight_checks(
+        load_detection_dataset(root).splits,
+        config,
+        image_size=64,
+        max_image_size=64,
+        training_args=_args(tmp_path),
+    )
+    [error] = [e for e in report.errors if "vanish" in e]
+    assert "2 image(s) vanish" in error and "strip.png" in error and "2000x4" in error
+    assert "64x0" in error

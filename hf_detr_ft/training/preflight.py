@@ -167,6 +167,7 @@ def preflight_checks(
         },
     )
     _check_queries(report, splits, scans, num_queries)
+    _check_image_shapes(report, splits, scans)
     _check_object_sizes(report, scans, image_size, max_image_size, min_scale)
     _check_classes(report, classes)
     _check_batch_and_learning_rates(report, training_args)
@@ -183,6 +184,8 @@ class _SplitScan:
     max_boxes_row: int = 0
     images_by_box_count: Counter = field(default_factory=Counter)  # boxes per image -> images
     box_sides: list[float] = field(default_factory=list)  # shorter side after resizing
+    #: Rows of images that resizing makes less than a pixel high or wide, with that size.
+    vanishing: list[tuple[int, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
 
     def tiny(self) -> int:
         return sum(side < TINY_OBJECT_PIXELS for side in self.box_sides)
@@ -206,6 +209,8 @@ def _scan(split: Dataset, size_rule: Mapping[str, int]) -> _SplitScan:
         kept = [box for box, crowd in zip(objects["bbox"], objects["iscrowd"]) if not crowd]
         height, width = row["height"], row["width"]
         new_width, new_height = resized_size(size_rule, (width, height))  # as the processor
+        if min(new_width, new_height) < 1:
+            scan.vanishing.append((row_index, (width, height), (new_width, new_height)))
         scale_x, scale_y = new_width / width, new_height / height
         scan.images += 1
         scan.boxes += len(kept)
@@ -270,6 +275,22 @@ def _check_queries(
         )
 
 
+def _check_image_shapes(
+    report: PreflightReport, splits: Mapping[str, Dataset], scans: dict[str, _SplitScan]
+) -> None:
+    """Images so elongated that resizing leaves them less than a pixel wide or high."""
+    found = [(name, item) for name, scan in scans.items() for item in scan.vanishing]
+    if not found:
+        return
+    name, (row, (width, height), (new_width, new_height)) = found[0]
+    report.errors.append(
+        f"{len(found)} image(s) vanish when resized, e.g. the {name} image "
+        f"{_image_name(splits[name], row)}: {width}x{height} pixels becomes "
+        f"{new_width}x{new_height}. Remove such strips from the dataset, or raise "
+        f"--max_image_size so that their short side stays at least a pixel."
+    )
+
+
 def _check_object_sizes(
     report: PreflightReport,
     scans: dict[str, _SplitScan],
@@ -286,12 +307,13 @@ def _check_object_sizes(
         f"{image_size} / max_image_size {max_image_size} ({per_split})"
     )
     report.stats["tiny_boxes"] = {"total": total_tiny, "boxes": len(sides), **tiny}
-    if not total_tiny:
+    visible = [side for side in sides if side > 0]  # 0: an image that vanishes (an error)
+    if not total_tiny or not visible:
         return
     # Scale so that all but the smallest 1 % of the boxes (all of them if fewer are tiny)
     # reach the threshold; scaling both sizes by f scales every resized image by f.
-    reference = sides[len(sides) // 100]
-    factor = TINY_OBJECT_PIXELS / (reference if reference < TINY_OBJECT_PIXELS else sides[0])
+    reference = visible[len(visible) // 100]
+    factor = TINY_OBJECT_PIXELS / (reference if reference < TINY_OBJECT_PIXELS else visible[0])
     new_size = math.ceil(image_size * factor / 32) * 32
     new_max = math.ceil(max_image_size * factor / 32) * 32
     report.stats["suggested_image_size"] = new_size
