@@ -263,3 +263,19 @@ def test_reading_ahead_for_a_gpu_gives_the_batches_read_in_turn(tiny_model_dir, 
             torch.testing.assert_close(
                 a.prepared.inputs["pixel_values"], b.prepared.inputs["pixel_values"]
             )
+
+
+def test_a_strip_and_a_symlink_loop_are_skipped_the_rest_predicted(
+    tiny_model_dir, shapes_dir, tmp_path, caplog
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = next((shapes_dir / "test").glob("*.png"))
+    (folder / "good.png").write_bytes(good.read_bytes())
+    Image.new("RGB", (4000, 2)).save(folder / "strip.png")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    with caplog.at_level(logging.WARNING):
+        found = predict(tiny_model_dir, folder, threshold=0.0, device="cpu")
+    assert [p.path.name for p in found] == ["good.png"]
+    assert "strip.png (4000x2 pixels vanish when resized)" in caplog.text
+    assert "Skipped" in caplog.text and "loop.jpg" in caplog.text

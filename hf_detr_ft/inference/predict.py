@@ -131,10 +131,19 @@ def find_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
                 raise InputError(f"The pattern {item!r} matches no files.")
         else:
             raise InputError(f"{path} does not exist (expected an image, a folder or a glob).")
-        found.update(dict.fromkeys(p.resolve() for p in files))
+        found.update(dict.fromkeys(_resolved(files)))
     if not found:
         raise InputError("No images given.")
     return list(found)
+
+
+def _resolved(files: Iterable[Path]) -> Iterator[Path]:
+    """Absolute paths, skipping (with a warning) links that lead nowhere or in a loop."""
+    for path in files:
+        try:
+            yield path.resolve(strict=True)
+        except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
+            logger.warning("Skipped %s: %s", path, err)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -283,6 +292,8 @@ def _read_batch(
     for path in paths:
         try:
             pixels, size = read_pixels(path, resized_size)
+            if min(resized_size(size) or size) < 1:
+                raise ValueError(f"{size[0]}x{size[1]} pixels vanish when resized")
             picture = None
             if with_pictures:  # every pixel: the model's input may have been decoded reduced
                 picture = pixels if pixels.shape[-1] == size[0] else read_pixels(path)[0]
