@@ -20,7 +20,7 @@ from hf_detr_ft.artifacts.training_report import (
 )
 from hf_detr_ft.cli import main
 from hf_detr_ft.inference.explain import attention_maps, explain
-from hf_detr_ft.inference.predict import load_detector
+from hf_detr_ft.models.loading import load_detector
 from hf_detr_ft.run import finetune
 
 REPORT = (LOSSES_PLOT, MAP_PLOT, SAMPLES_PLOT)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,12 @@ import torch
 from transformers import DetrConfig, DetrForObjectDetection
 
 from hf_detr_ft.errors import ModelLoadError
-from hf_detr_ft.models.loading import DEFAULT_MODEL, load_image_processor, load_model
+from hf_detr_ft.models.loading import (
+    DEFAULT_MODEL,
+    load_detector,
+    load_image_processor,
+    load_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +89,17 @@ def test_image_processor_sizes_and_default(tiny_model_dir: Path, tmp_path: Path)
     fallback = load_image_processor(tmp_path, image_size=100, max_image_size=150)
     assert type(fallback).__name__ == "DetrImageProcessor"
     assert fallback.size["shortest_edge"] == 100
+
+
+def test_corrupt_weights_and_other_models_are_one_clear_error(tiny_model_dir, tmp_path) -> None:
+    corrupt = Path(shutil.copytree(tiny_model_dir, tmp_path / "corrupt"))
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for load in (lambda: load_model(corrupt, ["a"]), lambda: load_detector(corrupt)):
+        with pytest.raises(ModelLoadError, match="Cannot load a model from the folder"):
+            load()
+    text = tmp_path / "bert"
+    text.mkdir()
+    (text / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="'bert' is not a DETR-family detector"):
+        load_model(text, ["a"])

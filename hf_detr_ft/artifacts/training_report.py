@@ -27,8 +27,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..errors import ReportError
 from ..inference.detect import detect
-from ..inference.predict import load_detector
-from ..models.loading import check_model_classes
+from ..models.loading import check_model_classes, load_detector
 from ..training.checkpoints import TRAINER_STATE_NAME, last_complete_checkpoint
 from .output_files import claim_files
 from .pictures import Boxes, save_comparison_grid, save_figure, subplots

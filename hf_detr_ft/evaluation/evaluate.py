@@ -26,8 +26,7 @@ from ..artifacts.output_files import claim_files
 from ..data.dataset import load_detection_dataset
 from ..data.splits import canonical_split
 from ..errors import ArgumentError, DatasetError
-from ..inference.predict import load_detector
-from ..models.loading import check_model_classes
+from ..models.loading import check_model_classes, load_detector
 from ..pipeline.collate import collate_fn
 from ..pipeline.transforms import DetrTransform
 from ..training.trainer import DetrTrainer

@@ -28,8 +28,8 @@ from ..artifacts.pictures import Boxes, draw_boxes, save_figure, subplots
 from ..data.image_files import IMAGE_ERRORS
 from ..errors import ArgumentError, InputError
 from ..models.families import FAMILIES, family_of
-from ..models.loading import load_config
-from .predict import load_detector, open_image
+from ..models.loading import load_config, load_detector
+from .predict import open_image
 
 
 @torch.no_grad()

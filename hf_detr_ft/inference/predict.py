@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..artifacts.output_files import claim_files
@@ -54,9 +53,8 @@ from ..data.image_files import (
     displayed_size,
     eight_bit_png,
 )
-from ..errors import InputError, ModelLoadError
-from ..models.loading import _cannot_load_message, load_image_processor
-from ..models.speedups import apply_speedups
+from ..errors import InputError
+from ..models.loading import load_detector
 from ..pipeline.transforms import DetrTransform, channels_last_view
 from .detect import PreparedBatch, detect_prepared, prepare_batch
 
@@ -75,35 +73,6 @@ class ImagePrediction:
     height: int
     boxes: Boxes  # xyxy, class indices, scores
     picture: Path | None = None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as given, else CUDA when it is available, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-def load_detector(
-    model: str | Path, *, device: str | torch.device | None = None, **model_kwargs: Any
-) -> tuple[PreTrainedModel, BaseImageProcessor]:
-    """A fine-tuned detector (folder or Hub id) in eval mode on ``device``, and its processor.
-
-    The processor saved with the model is used as it is (the image size it was trained at);
-    a model saved without one gets DETR's default processor. The model runs with
-    :func:`~hf_detr_ft.models.speedups.apply_speedups` (same outputs, faster).
-    """
-    try:
-        detector = AutoModelForObjectDetection.from_pretrained(str(model), **model_kwargs)
-    except OSError as err:
-        raise ModelLoadError(_cannot_load_message(model, err)) from err
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(model))
-    except OSError:
-        processor = load_image_processor(model)
-    detector = detector.to(resolve_device(device)).eval()
-    apply_speedups(detector)
-    return detector, processor
 
 
 def find_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
+import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -26,6 +29,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..errors import ArgumentError, DatasetError, ModelLoadError
 from .families import Family, family_of
+from .speedups import apply_speedups
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def load_model(
             use_safetensors=None,
             **overrides,
         )
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         raise ModelLoadError(_cannot_load_message(model_name_or_path, err)) from err
     except RuntimeError as err:  # transformers' answer to a shape mismatch it may not ignore
         if ignore_mismatched_sizes or "ignore_mismatched_sizes" not in str(err):
@@ -212,7 +216,36 @@ def check_model_classes(
         )
 
 
-def _cannot_load_message(model_name_or_path: str | Path, err: OSError) -> str:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as given, else CUDA when it is available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_detector(
+    model: str | Path, *, device: str | torch.device | None = None, **model_kwargs: Any
+) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """A fine-tuned detector (folder or Hub id) in eval mode on ``device``, and its processor.
+
+    The processor saved with the model is used as it is (the image size it was trained at);
+    a model saved without one gets DETR's default processor. The model runs with
+    :func:`~hf_detr_ft.models.speedups.apply_speedups` (same outputs, faster).
+    """
+    try:
+        detector = AutoModelForObjectDetection.from_pretrained(str(model), **model_kwargs)
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(_cannot_load_message(model, err)) from err
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(model))
+    except OSError:
+        processor = load_image_processor(model)
+    detector = detector.to(resolve_device(device)).eval()
+    apply_speedups(detector)
+    return detector, processor
+
+
+def _cannot_load_message(model_name_or_path: str | Path, err: Exception) -> str:
     path = Path(str(model_name_or_path)).expanduser()
     if path.exists():
         return (
