@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HfDetrFtError, FileExistsError) as err:
         print(f"hf-detr-ft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine's, not the input's: a full disk, a read-only folder
+        print(f"hf-detr-ft {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _bounded(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,30 @@ def test_bccd_voc_trains_a_few_steps(bccd, tiny_model_dir: Path, tmp_path: Path)
     assert sorted(config["id2label"].values()) == ["Platelets", "RBC", "WBC"]
     report = json.loads((out / REPORT_JSON).read_text())
     assert report["format"] == "voc" and report["splits"]["test"]["images"] == 72
+
+
+def test_convert_is_written_whole_or_not_at_all(every_format, tmp_path, monkeypatch, capsys):
+    """A failure midway (here: the disk fills up at the third image) leaves no destination that
+    looks complete, and the rerun succeeds."""
+    from hf_detr_ft.data.formats import coco_writer
+
+    copy, written = shutil.copy2, []
+
+    def fill_the_disk(source, target, *args, **kwargs):
+        written.append(target)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return copy(source, target, *args, **kwargs)
+
+    destination = tmp_path / "coco"
+    monkeypatch.setattr(coco_writer.shutil, "copy2", fill_the_disk)
+    assert cli_main(["convert", str(every_format["voc"]), str(destination)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not destination.exists()
+    monkeypatch.setattr(coco_writer.shutil, "copy2", copy)
+    assert cli_main(["convert", str(every_format["voc"]), str(destination)]) == 0
+    source = load_detection_dataset(every_format["voc"], validation_fraction=0)
+    assert load_detection_dataset(destination, validation_fraction=0).class_names == (
+        source.class_names
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["coco"]  # no partial folder left

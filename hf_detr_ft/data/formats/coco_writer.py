@@ -24,10 +24,25 @@ from ..splits import ROBOFLOW_FOLDERS
 
 
 def write_coco_folder(data: DetectionDataset, destination: str | Path) -> Path:
-    """Write every split of ``data`` under ``destination`` (which must be new or empty)."""
-    root = Path(destination).expanduser()
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} already exists and is not empty; pick a new folder.")
+    """Write every split of ``data`` under ``destination`` (which must be new or empty).
+
+    Everything is written into a hidden sibling folder first and renamed to ``destination``
+    once complete, so a failure midway (a full disk, a kill) never leaves a half-written
+    dataset that looks complete; the next run replaces the leftover partial folder.
+    """
+    final = Path(destination).expanduser()
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise FileExistsError(f"{final} already exists and is not empty; pick a new folder.")
+    root = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(root, ignore_errors=True)  # ours: a run that failed midway
+    _write_splits(data, root)
+    if final.exists():
+        final.rmdir()  # empty, checked above
+    root.rename(final)
+    return final
+
+
+def _write_splits(data: DetectionDataset, root: Path) -> None:
     categories = [
         {"id": source_id, "name": name, "supercategory": "none"}
         for source_id, name in zip(data.label_map.source_ids, data.label_map.names)
@@ -63,7 +78,6 @@ def write_coco_folder(data: DetectionDataset, destination: str | Path) -> Path:
                 )
         content = {"images": images, "annotations": annotations, "categories": categories}
         (folder / ROBOFLOW_ANNOTATION_FILE).write_text(json.dumps(content) + "\n")
-    return root
 
 
 def _write_image(image: dict[str, Any], image_id: int, folder: Path, used: set[str]) -> str:
