@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .artifacts.training_report import SAMPLES_PLOT
 from .data.synthetic import DEMO_CLASSES, make_shapes_dataset
-from .run import finetune
+from .errors import TrainingInterrupted
+from .run import METRICS_FILE, finetune
+from .training.checkpoints import last_complete_checkpoint
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo_detr"
 _MARKER = ".hf-detr-ft-demo"
@@ -52,18 +54,26 @@ class DemoResult:
 
 
 def run_demo(output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0) -> DemoResult:
-    """Run the whole demo in ``output_dir`` (re-running replaces an earlier demo's output)."""
+    """Run the whole demo in ``output_dir``. Re-running replaces an earlier demo's output,
+    except a demo stopped with Ctrl-C with the same seed, which continues where it stopped."""
     output_dir = Path(output_dir)
-    _prepare(output_dir)
+    _prepare(output_dir, seed)
     data_dir = make_shapes_dataset(output_dir / "data", splits=DEMO_SPLITS, seed=seed)
-    result = finetune(
-        data_dir,
-        num_classes=len(DEMO_CLASSES),
-        model=DEMO_CHECKPOINT,
-        output_dir=output_dir / "model",
-        seed=seed,
-        **DEMO_SETTINGS,
-    )
+    try:
+        result = finetune(
+            data_dir,
+            num_classes=len(DEMO_CLASSES),
+            model=DEMO_CHECKPOINT,
+            output_dir=output_dir / "model",
+            seed=seed,
+            **DEMO_SETTINGS,
+        )
+    except TrainingInterrupted as stopped:
+        rerun = f"hf-detr-ft demo --output_dir {output_dir}" + (f" --seed {seed}" if seed else "")
+        raise TrainingInterrupted(
+            f"Demo interrupted (Ctrl-C); its last checkpoint is saved. Run `{rerun}` again to "
+            f"continue from it."
+        ) from stopped
     before = next(entry for entry in result.log_history if "eval_map" in entry)
     picture = result.output_dir / SAMPLES_PLOT  # written by the training report
     return DemoResult(
@@ -76,13 +86,19 @@ def run_demo(output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0) -> De
     )
 
 
-def _prepare(output_dir: Path) -> None:
-    """Start from scratch, but only ever delete a folder an earlier demo created."""
+def _prepare(output_dir: Path, seed: int) -> None:
+    """Start from scratch, but only ever delete a folder an earlier demo created, and keep a
+    demo of the same seed that was stopped before the end (it resumes)."""
+    marker = output_dir / _MARKER
     if output_dir.exists() and any(output_dir.iterdir()):
-        if not (output_dir / _MARKER).exists():
+        if not marker.exists():
             raise FileExistsError(
                 f"{output_dir} exists and was not made by the demo; pass another --output_dir."
             )
+        model = output_dir / "model"
+        stopped = last_complete_checkpoint(model) and not (model / METRICS_FILE).exists()
+        if stopped and marker.read_text().strip() == str(seed):
+            return
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / _MARKER).touch()
+    marker.write_text(f"{seed}\n")

@@ -35,10 +35,25 @@ def test_demo_replaces_only_its_own_output(tmp_path) -> None:
     (foreign / "keep.txt").parent.mkdir()
     (foreign / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="not made by the demo"):
-        _prepare(foreign)
+        _prepare(foreign, seed=0)
     assert (foreign / "keep.txt").exists()
     ours = tmp_path / "demo"
-    _prepare(ours)
+    _prepare(ours, seed=0)
     (ours / "model").mkdir()
-    _prepare(ours)  # a second demo run starts afresh instead of resuming the finished one
+    _prepare(ours, seed=0)  # a second demo run starts afresh instead of resuming the finished one
+    assert not (ours / "model").exists()
+
+
+def test_a_demo_stopped_with_ctrl_c_continues_when_run_again(tmp_path) -> None:
+    """What the interrupt message advises (the same command again) resumes, not restarts."""
+    ours = tmp_path / "demo"
+    _prepare(ours, seed=3)
+    checkpoint = ours / "model" / "checkpoint-20"
+    checkpoint.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "optimizer.pt", "rng_state.pth"):
+        (checkpoint / name).write_text("{}")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    _prepare(ours, seed=3)
+    assert checkpoint.is_dir()  # kept: the demo resumes from it
+    _prepare(ours, seed=4)  # another seed is another demo: it starts afresh
     assert not (ours / "model").exists()
