@@ -320,6 +320,7 @@ class DetrTrainingArguments(TrainingArguments):
         if self.warmup_from_recipe:
             self.warmup_steps = 0
         super().__post_init__()
+        _check_trackers(self.report_to)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ArgumentError(
                 f"ema_decay must be at least 0 (off) and below 1, got {self.ema_decay}."
@@ -399,6 +400,22 @@ def apply_family_data_defaults(args: DataArguments, family: Family) -> None:
     """The family's multi-scale range where the user set no ``min_scale``."""
     if args.min_scale is None:
         args.min_scale = family.recipe.train_scales[0]
+
+
+def _check_trackers(report_to: list[str] | str | None) -> None:
+    """Refuse ``--report_to`` trackers that are not installed, before any data is loaded
+    (the Trainer would only fail once it starts)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in wanted if name in INTEGRATION_TO_CALLBACK and name not in available]
+    if missing:
+        raise ArgumentError(
+            f"report_to names {', '.join(missing)}, which is not installed here: install it "
+            f"(pip install {' '.join(missing)}) or pass --report_to none."
+        )
 
 
 def effective_batch_size(args: TrainingArguments) -> int:

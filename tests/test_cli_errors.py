@@ -7,6 +7,8 @@ traceback) instead of naming the flag.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from hf_detr_ft.cli import main
@@ -90,3 +92,10 @@ def test_a_combination_transformers_refuses_is_one_line(capsys) -> None:
     assert _run([*TRAIN, "--save_strategy", "no"]) == 2  # with the default best-model loading
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "load_best_model_at_end requires the save and eval strategy to match" in line
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(capsys) -> None:
+    assert importlib.util.find_spec("wandb") is None  # no dependency of the project
+    assert _run([*TRAIN, "--report_to", "wandb"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "report_to names wandb, which is not installed" in line
