@@ -279,3 +279,11 @@ def test_a_strip_and_a_symlink_loop_are_skipped_the_rest_predicted(
     assert [p.path.name for p in found] == ["good.png"]
     assert "strip.png (4000x2 pixels vanish when resized)" in caplog.text
     assert "Skipped" in caplog.text and "loop.jpg" in caplog.text
+
+
+def test_a_float_image_in_0_to_1_is_scaled_not_black(tmp_path) -> None:
+    values = np.linspace(0.0, 1.0, 30 * 40, dtype=np.float32).reshape(30, 40)
+    Image.fromarray(values, mode="F").save(tmp_path / "float.tif")
+    pixels, size = read_pixels(tmp_path / "float.tif")
+    assert size == (40, 30) and pixels.max() == 255 and pixels.min() == 0
+    assert abs(float(pixels.float().mean()) - 127.5) < 2  # the gradient kept, not all black

@@ -195,12 +195,20 @@ def _displayed_size(stored: tuple[int, int], orientation: int) -> tuple[int, int
 
 
 def eight_bit_png(source: str | Path | bytes) -> bytes:
-    """A 16-bit grayscale image as an 8-bit PNG (EXIF orientation applied), scaled by 1/256."""
+    """A 16-bit or 32-bit grayscale image as an 8-bit PNG (EXIF orientation applied).
+
+    16-bit values are scaled by 1/256; 32-bit modes holding 8-bit values are kept; float
+    images with values in 0..1 (the usual convention for float pixels) are scaled by 255,
+    instead of being rounded to an all-black image.
+    """
     file = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(file) as image:
         image = ImageOps.exif_transpose(image)
         values = np.asarray(image, dtype=np.float64)
-    if image.mode in ("I", "F") and values.max() <= 255:  # 32-bit modes holding 8-bit values
+    top = values.max() if values.size else 0.0
+    if image.mode == "F" and 0 < top <= 1:
+        scaled = values * 255.0
+    elif image.mode in ("I", "F") and top <= 255:  # 32-bit modes holding 8-bit values
         scaled = values
     else:
         scaled = values / 256.0
