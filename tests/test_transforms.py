@@ -21,6 +21,9 @@ from transformers import DetrForObjectDetection, DetrImageProcessor, DetrImagePr
 
 from hf_detr_ft.data.dataset import detection_features, load_detection_dataset
 from hf_detr_ft.data.image_files import IMAGE_ERRORS, decode_for_resize
+from hf_detr_ft.data.synthetic import make_shapes_dataset
+from hf_detr_ft.errors import DatasetError
+from hf_detr_ft.models.loading import load_image_processor
 from hf_detr_ft.pipeline.collate import collate_fn
 from hf_detr_ft.pipeline.transforms import DetrTransform, train_augmentation, train_scales
 
@@ -376,3 +379,14 @@ def test_a_forked_child_decodes_with_threads_of_its_own(bccd_train, processor) -
     finally:
         torch.set_num_threads(before)
     assert not hung and results.get(timeout=5) == 4
+
+
+def test_an_image_truncated_after_the_checks_is_named(tmp_path) -> None:
+    root = make_shapes_dataset(tmp_path / "data", splits={"train": 2, "valid": 1}, seed=0)
+    data = load_detection_dataset(root)
+    processor = load_image_processor("none-such", image_size=64, max_image_size=64)
+    first = Path(data.splits["train"][0]["image"].filename)
+    first.write_bytes(first.read_bytes()[:100])  # after the dataset was checked
+    transformed = DetrTransform.for_evaluation(processor).apply_to(data.splits["train"])
+    with pytest.raises(DatasetError, match=f"Cannot decode {first} any more"):
+        transformed[0]

@@ -62,7 +62,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.image_utils import SizeDict, get_image_size_for_max_height_width
 
-from ..data.image_files import decode_for_resize
+from ..data.image_files import IMAGE_ERRORS, decode_for_resize
+from ..errors import DatasetError
 from .image_cache import DecodedImageCache, default_cache_mb, image_key
 
 logger = logging.getLogger(__name__)
@@ -239,9 +240,17 @@ class DetrTransform:
         return decoded
 
     def _decode(self, image: Any) -> tuple[np.ndarray, tuple[int, int] | None]:
-        if isinstance(image, dict):  # still encoded: see apply_to
+        if not isinstance(image, dict):
+            return np.array(image), None  # decoded by datasets: at its full size
+        try:  # still encoded: see apply_to
             return decode_for_resize(image, self.resized_size)
-        return np.array(image), None  # decoded by datasets: at its full size
+        except IMAGE_ERRORS as err:  # checked before training: the file changed since
+            where = image.get("path") or "an image embedded in the dataset"
+            raise DatasetError(
+                f"Cannot decode {where} any more ({err}); it was readable when the dataset was "
+                f"checked, so it changed during the run. Fix or remove it and run again (a "
+                f"training run resumes from its last checkpoint)."
+            ) from err
 
     def resized_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """The largest ``(width, height)`` the processor will resize an image of ``size`` to
