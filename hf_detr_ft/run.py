@@ -39,7 +39,7 @@ from .artifacts.model_card import (
     ModelCardCallback,
     training_hyperparameters,
 )
-from .artifacts.output_files import claim_files
+from .artifacts.output_files import claim_files, write_text_atomic
 from .artifacts.training_report import TRAINING_REPORT_FILES, write_training_report
 from .data.dataset import DetectionDataset, load_detection_dataset
 from .data.dataset_report import REPORT_JSON, REPORT_TEXT, DatasetReport, build_report
@@ -290,7 +290,7 @@ def _finish(run: _Run, train_result: TrainOutput) -> FinetuneResult:
     run.card.final_metrics = metrics
     if trainer.is_world_process_zero():
         summary = {"eval_split": data.eval_split, "class_names": data.class_names, **metrics}
-        (output_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
         write_training_report(output_dir, run.splits["validation"])
         run.card.write(args, trainer.state)
     if args.push_to_hub:

@@ -63,6 +63,19 @@ def claim_files(
     return [root / name for name in names]
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all (a hidden temporary file, renamed), so
+    that a kill or a full disk never leaves a half-written file that looks complete."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
 def _manifest(root: Path) -> set[str]:
     try:
         listed = json.loads((root / MANIFEST).read_text())
@@ -72,6 +85,4 @@ def _manifest(root: Path) -> set[str]:
 
 
 def _write_manifest(root: Path, names: set[str]) -> None:
-    temporary = root / f"{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(sorted(names), indent=0) + "\n")
-    temporary.replace(root / MANIFEST)  # a kill midway leaves the previous manifest
+    write_text_atomic(root / MANIFEST, json.dumps(sorted(names), indent=0) + "\n")

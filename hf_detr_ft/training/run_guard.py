@@ -30,7 +30,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import CONFIG_NAME
 
-from ..artifacts.output_files import RUN_RECORD
+from ..artifacts.output_files import RUN_RECORD, write_text_atomic
 from ..errors import ArgumentError, OutputDirError
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,10 @@ def training_data_fingerprint(train: Dataset, class_names: list[str]) -> str:
 
 def write_run_record(output_dir: str | Path, record: Mapping[str, Any]) -> Path:
     """Record what this run trains on (model, classes, data), for the checks of a rerun."""
-    path = Path(output_dir) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(dict(record), indent=2) + "\n")
-    temporary.replace(path)  # never a half-written record
-    return path
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(
+        Path(output_dir) / RUN_RECORD, json.dumps(dict(record), indent=2) + "\n"
+    )
 
 
 def check_resumable(checkpoint: str | Path, record: Mapping[str, Any]) -> None:
