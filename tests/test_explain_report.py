@@ -65,12 +65,16 @@ def test_report_on_demand_from_an_output_dir(run_dir: Path, shapes_dir, tmp_path
     assert all((copy / name).is_file() for name in REPORT)
     assert SAMPLES_PLOT in capsys.readouterr().out
 
-    # A stopped run: no trainer_state.json at the top, only in its checkpoints.
+    # A stopped run: no trainer_state.json or final model at the top, only its checkpoints.
     (copy / "trainer_state.json").unlink()
+    (copy / "model.safetensors").unlink()
+    (copy / "config.json").unlink()
     for name in REPORT:
         (copy / name).unlink()
     assert main(["report", str(copy)]) == 0
     assert (copy / LOSSES_PLOT).is_file() and not (copy / SAMPLES_PLOT).exists()
+    assert main(["report", str(copy), "--dataset_dir", str(shapes_dir)]) == 0
+    assert (copy / SAMPLES_PLOT).is_file()  # drawn with the newest checkpoint
 
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "No trainer_state.json" in capsys.readouterr().err

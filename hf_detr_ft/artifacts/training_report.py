@@ -24,6 +24,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import CONFIG_NAME
 
 from ..errors import ReportError
 from ..inference.detect import detect
@@ -139,7 +140,7 @@ def write_training_report(
     written = plot_training_curves(history, output_dir)
     if validation is not None and num_samples > 0:
         if model is None or image_processor is None:
-            model, image_processor = load_detector(output_dir)
+            model, image_processor = load_detector(_saved_model(output_dir))
         written.append(
             save_sample_predictions(
                 model,
@@ -151,6 +152,17 @@ def write_training_report(
         )
     logger.info("Training report: %s", ", ".join(str(p) for p in written))
     return written
+
+
+def _saved_model(output_dir: str | Path) -> Path:
+    """The final model of a run, or the newest checkpoint's for a run stopped before the end."""
+    root = Path(output_dir)
+    if (root / CONFIG_NAME).is_file():
+        return root
+    last = last_complete_checkpoint(root, with_optimizer=False)
+    if last is None:
+        raise ReportError(f"No model in {root} or its checkpoints to draw predictions with.")
+    return Path(last)
 
 
 def _curve(ax: Any, entries: Sequence[dict[str, Any]], key: str, label: str, **style: Any) -> None:
