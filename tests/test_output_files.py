@@ -14,6 +14,17 @@ from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.errors import DatasetError, OutputDirError
 
+#: One training step, nothing evaluated or saved in between: a run folder, quickly.
+ONE_STEP = dict(
+    max_steps=1,
+    image_size=64,
+    max_image_size=64,
+    eval_strategy="no",
+    save_strategy="no",
+    load_best_model_at_end=False,
+    report_to="none",
+)
+
 
 def test_new_files_and_our_own_files_may_be_written_others_never(tmp_path: Path) -> None:
     (tmp_path / "mine.json").write_text("{}")
@@ -60,13 +71,7 @@ def test_training_keeps_the_users_files(tiny_model_dir, shapes_dir, tmp_path, ca
         3,
         model=tiny_model_dir,
         output_dir=tmp_path / "fresh",
-        max_steps=1,
-        image_size=64,
-        max_image_size=64,
-        eval_strategy="no",
-        save_strategy="no",
-        load_best_model_at_end=False,
-        report_to="none",
+        **ONE_STEP,
     )
     report = ["report", str(tmp_path / "fresh")]
     assert cli_main(report) == 0 and cli_main(report) == 0  # its own plots, replaced
@@ -97,13 +102,7 @@ def test_inputs_that_cannot_work_are_one_line(tiny_model_dir, shapes_dir, tmp_pa
         3,
         model=tiny_model_dir,
         output_dir=run,
-        max_steps=1,
-        image_size=64,
-        max_image_size=64,
-        eval_strategy="no",
-        save_strategy="no",
-        load_best_model_at_end=False,
-        report_to="none",
+        **ONE_STEP,
     )
     other = Path(shutil.copytree(shapes_dir, tmp_path / "other"))
     for path in other.glob("*/_annotations.coco.json"):  # the same data, one class renamed
