@@ -174,7 +174,8 @@ def pushed_run(tiny_model_dir, shapes_dir, tmp_path_factory) -> tuple[Path, Fake
 def _expected_upload(out: Path) -> set[str]:
     """The top-level model files, JSON reports and pictures; never training_args.bin, text
     reports (their JSON twin goes up), or anything under checkpoint-*/."""
-    names = {p.name for p in out.iterdir() if p.is_file()} - {RUN_RECORD}
+    hidden = {p.name for p in out.iterdir() if p.name.startswith(".")}  # never uploaded
+    names = {p.name for p in out.iterdir() if p.is_file()} - {RUN_RECORD} - hidden
     model_files = {n for n in names if n.endswith((".json", ".png", ".jpg", ".safetensors"))}
     expected = model_files | {"README.md"}
     assert FINAL_FILES <= expected and "training_args.bin" in names - expected
