@@ -8,7 +8,7 @@ The package follows the path data takes, one sub-package a stage::
     training/    DetrTrainer (transformers.Trainer), pre-flight, signals, checkpoints, EMA
     evaluation/  detections -> COCO metrics (pycocotools), per class
     inference/   a fine-tuned detector on images: detect, predict, explain
-    artifacts/   pictures, the training report, the model card, the Hub upload
+    artifacts/   pictures, the training report, the model card, the Hub upload, ONNX export
 
 and at the top: ``run`` (one fine-tuning run, the flow every entry point shares),
 ``arguments`` (the dataclasses), ``cli`` (the ``hf-detr-ft`` command), ``errors`` (every
@@ -38,6 +38,8 @@ _PUBLIC = {
     "DatasetError": "errors",
     "HfDetrFtError": "errors",
     "ModelLoadError": "errors",
+    "ExportError": "errors",
+    "ExportCheckError": "errors",
     "DEFAULT_MODEL": "models.loading",
     "load_image_processor": "models.loading",
     "load_model": "models.loading",
@@ -48,6 +50,8 @@ _PUBLIC = {
     "ImagePrediction": "inference.predict",
     "predict": "inference.predict",
     "explain": "inference.explain",
+    "export": "artifacts.onnx_export",
+    "ExportResult": "artifacts.onnx_export",
     "write_training_report": "artifacts.training_report",
     "FinetuneResult": "run",
     "finetune": "run",

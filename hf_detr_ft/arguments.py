@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from .artifacts.onnx_export import FORMATS as EXPORT_FORMATS
+from .artifacts.onnx_export import QUANTIZATIONS
 from .errors import ArgumentError
 from .models.families import Family
 from .models.loading import DEFAULT_MODEL
@@ -59,9 +61,35 @@ class ModelArguments:
             "on by default here). false makes such a difference an error instead."
         },
     )
+    export: str | None = field(
+        default=None,
+        metadata={
+            "help": "At the end of training, also export the saved model: onnx writes "
+            "output_dir/onnx (model.onnx, checked against PyTorch on the evaluation split, and "
+            "a README to run it with onnxruntime alone); see docs/export.md.",
+            "choices": list(EXPORT_FORMATS),
+        },
+    )
+    export_quantize: str = field(
+        default="none",
+        metadata={
+            "help": "With --export: also write a quantized file (dynamic-int8 or static-int8 "
+            "for CPUs, fp16 for GPUs) beside model.onnx.",
+            "choices": list(QUANTIZATIONS),
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_at_least("num_queries", self.num_queries, 1, optional=True)
+        if self.export is not None and self.export not in EXPORT_FORMATS:
+            raise ArgumentError(
+                f"export must be one of {', '.join(EXPORT_FORMATS)}, got {self.export!r}."
+            )
+        if self.export_quantize not in QUANTIZATIONS:
+            raise ArgumentError(
+                f"export_quantize must be one of {', '.join(QUANTIZATIONS)}, got "
+                f"{self.export_quantize!r}."
+            )
 
 
 @dataclass

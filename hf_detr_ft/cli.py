@@ -27,6 +27,7 @@ COMMANDS = {
     "explain": "figure of the decoder's attention for the top detections of an image",
     "report": "plots of a run's losses and mAP, and sample predictions (from its output_dir)",
     "bench": "speed vs the stock Hugging Face recipe (runs benchmarks/run.py of a checkout)",
+    "export": "export a fine-tuned model to ONNX (checked against PyTorch; int8/fp16 variants)",
 }
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": train, "demo": demo, "push": push}
         commands.update(inspect=inspect, convert=convert)
         commands.update(evaluate=evaluate, predict=predict, explain=explain, report=report)
-        commands.update(bench=bench)
+        commands.update(bench=bench, export=export)
         return commands[args.command](argv[1:])
     except TrainingInterrupted as err:
         from accelerate import PartialState
@@ -288,6 +289,68 @@ def predict(argv: list[str]) -> int:
         f"{boxes} objects (score >= {args.threshold}) in {len(found)} images; pictures and "
         f"{PREDICTIONS_FILE} in {args.output_dir}"
     )
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hf-detr-ft export", description=COMMANDS["export"])
+    parser.add_argument("model", help="a fine-tuned model folder (config.json, weights)")
+    parser.add_argument("--output_dir", help="where the files go (default: MODEL/onnx)")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    parser.add_argument(
+        "--opset", type=_bounded(int, 14, 20), help="ONNX opset (default 17; 18 where needed)"
+    )
+    parser.add_argument(
+        "--dynamic_batch", action="store_true", help="any batch size (default: batches of 1)"
+    )
+    parser.add_argument(
+        "--image_size", type=POSITIVE_INT, help="input size as in training (default: the model's)"
+    )
+    parser.add_argument("--max_image_size", type=POSITIVE_INT, help="longest edge at most")
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        default=["none"],
+        choices=["none", "dynamic-int8", "static-int8", "fp16"],
+        help="also write quantized files (int8 for CPUs, fp16 for GPUs); see docs/export.md",
+    )
+    parser.add_argument(
+        "--images", nargs="+", help="images, folders or globs to check the export on"
+    )
+    parser.add_argument("--dataset_dir", help="check on this dataset's evaluation split")
+    parser.add_argument(
+        "--num_check_images", type=POSITIVE_INT, default=8, help="images to check on"
+    )
+    parser.add_argument(
+        "--score_tolerance", type=_bounded(float, 0.0), default=1e-3, help="largest score change"
+    )
+    parser.add_argument(
+        "--box_tolerance",
+        type=_bounded(float, 0.0),
+        default=1e-3,
+        help="largest box change, a fraction of the image side",
+    )
+    args = parser.parse_args(argv)
+
+    from .artifacts.onnx_export import describe
+    from .artifacts.onnx_export import export as export_model
+
+    result = export_model(
+        args.model,
+        args.output_dir,
+        format=args.format,
+        opset=args.opset,
+        dynamic_batch=args.dynamic_batch,
+        image_size=args.image_size,
+        max_image_size=args.max_image_size,
+        quantize=args.quantize,
+        images=args.images,
+        dataset_dir=args.dataset_dir,
+        num_check_images=args.num_check_images,
+        score_tolerance=args.score_tolerance,
+        box_tolerance=args.box_tolerance,
+    )
+    print(f"{result.check.table()}\n{describe(result)}")
     return 0
 
 

@@ -39,11 +39,12 @@ from .artifacts.model_card import (
     ModelCardCallback,
     training_hyperparameters,
 )
+from .artifacts.onnx_export import DEFAULT_CHECK_IMAGES, EXPORT_DIR, export
 from .artifacts.output_files import claim_files, write_text_atomic
 from .artifacts.training_report import TRAINING_REPORT_FILES, write_training_report
 from .data.dataset import DetectionDataset, load_detection_dataset
 from .data.dataset_report import REPORT_JSON, REPORT_TEXT, DatasetReport, build_report
-from .errors import DatasetError, TrainingInterrupted
+from .errors import DatasetError, ExportError, TrainingInterrupted
 from .models.families import family_of
 from .models.loading import DEFAULT_MODEL, load_image_processor, load_model
 from .pipeline.collate import collate_fn
@@ -121,7 +122,7 @@ def run_training(
             write_run_record(training_args.output_dir, record)
         run = _build(data, model_args, data_args, training_args, callbacks)
         train_result = _train(run, checkpoint)
-        return _finish(run, train_result)
+        return _finish(run, train_result, model_args)
 
 
 @dataclass
@@ -272,8 +273,11 @@ def _train(run: _Run, checkpoint: str | None) -> TrainOutput:
     return result
 
 
-def _finish(run: _Run, train_result: TrainOutput) -> FinetuneResult:
-    """Final evaluation, the saved model, its report and card, then the Hub.
+def _finish(
+    run: _Run, train_result: TrainOutput, model_args: ModelArguments | None = None
+) -> FinetuneResult:
+    """Final evaluation, the saved model, its report, its export (``--export``) and card, then
+    the Hub.
 
     Every process saves the model first: under FSDP or ZeRO-3 saving gathers the sharded
     weights, so it must come before anything that only the main process does. The sample
@@ -292,7 +296,10 @@ def _finish(run: _Run, train_result: TrainOutput) -> FinetuneResult:
         summary = {"eval_split": data.eval_split, "class_names": data.class_names, **metrics}
         write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
         write_training_report(output_dir, run.splits["validation"])
-        run.card.write(args, trainer.state)
+        export_failure = _export_at_end(run, output_dir, model_args)
+        run.card.write(args, trainer.state)  # it lists the exported files
+        if export_failure is not None:  # the model, report and card are complete; no upload
+            raise export_failure
     if args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training", save=False)
     return FinetuneResult(
@@ -303,6 +310,32 @@ def _finish(run: _Run, train_result: TrainOutput) -> FinetuneResult:
         class_names=data.class_names,
         log_history=trainer.state.log_history,
     )
+
+
+def _export_at_end(
+    run: _Run, output_dir: Path, model_args: ModelArguments | None
+) -> ExportError | None:
+    """``--export onnx``: the saved model exported to ``output_dir/onnx`` and checked on the
+    first images of the final evaluation's split; the error if it cannot be (returned, so that
+    the card is written before it is raised)."""
+    if model_args is None or not model_args.export:
+        return None
+    split = run.splits[run.data.eval_split]
+    images = [split[i]["image"] for i in range(min(DEFAULT_CHECK_IMAGES, len(split)))]
+    try:
+        export(
+            output_dir,
+            output_dir / EXPORT_DIR,
+            format=model_args.export,
+            quantize=model_args.export_quantize,
+            images=images or None,
+        )
+    except ExportError as err:
+        return ExportError(
+            f"The model is saved in {output_dir}, but its export failed: {err} Retry with "
+            f"`hf-detr-ft export {output_dir}`."
+        )
+    return None
 
 
 def finetune(

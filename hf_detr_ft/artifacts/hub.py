@@ -2,10 +2,11 @@
 
 What goes up (:data:`ALLOW_PATTERNS`, top level of the output directory): the safetensors
 weights, ``config.json`` (with ``id2label``), ``preprocessor_config.json``, the model card
-``README.md``, the metrics and reports (``*.json``), plots (``*.png``) and the card's
-``example.jpg``. Never the optimizer states, ``training_args.bin`` or ``checkpoint-*/``, unless
-``include_checkpoint`` asks for the newest checkpoint too (uploaded as ``last-checkpoint/``, the
-Trainer's ``hub_strategy="checkpoint"`` layout, so training can resume from a download).
+``README.md``, the metrics and reports (``*.json``), plots (``*.png``), the card's
+``example.jpg`` and the ONNX export in ``onnx/`` when there is one. Never the optimizer
+states, ``training_args.bin`` or ``checkpoint-*/``, unless ``include_checkpoint`` asks for the
+newest checkpoint too (uploaded as ``last-checkpoint/``, the Trainer's
+``hub_strategy="checkpoint"`` layout, so training can resume from a download).
 
 The token comes from ``huggingface_hub`` (``HF_TOKEN``, ``hf auth login``) or an explicit
 argument; it is only passed to ``HfApi`` and never written anywhere. Failures become a
@@ -28,12 +29,14 @@ from ..errors import HubError
 from ..training.checkpoints import last_complete_checkpoint
 from ..training.run_guard import RUN_RECORD
 from .model_card import CARD_FILE
+from .onnx_export import EXPORT_DIR
 
 logger = logging.getLogger(__name__)
 
-ALLOW_PATTERNS = ["*.safetensors", "*.json", CARD_FILE, "*.png", "*.jpg"]
+#: The last pattern: the ONNX export (``--export onnx``, ``hf-detr-ft export``), its folder whole.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", CARD_FILE, "*.png", "*.jpg", f"{EXPORT_DIR}/*"]
 #: Never uploaded: checkpoints, logs, hidden files, the run record (it names local paths).
-IGNORE_PATTERNS = ["checkpoint-*", "last-checkpoint*", "runs/*", "_*", ".*", RUN_RECORD]
+IGNORE_PATTERNS = ["checkpoint-*", "last-checkpoint*", "runs/*", "_*", ".*", "*/.*", RUN_RECORD]
 CHECKPOINT_PATH_IN_REPO = "last-checkpoint"
 DEFAULT_COMMIT_MESSAGE = "Upload fine-tuned DETR (hf-detr-ft)"
 

@@ -4,7 +4,8 @@ The Hub reads the card's YAML header (``huggingface_hub.ModelCardData``): ``libr
 ``pipeline_tag``, ``base_model``, ``datasets``, ``license``, ``tags`` and a ``model-index`` with
 the COCO metrics (``huggingface_hub.EvalResult``), so the repo page shows them. The body tells a
 reader what the model detects and how well (per-class AP), how it was trained, on what data
-(images and boxes per split and class), what its predictions look like, and how to run it.
+(images and boxes per split and class), what its predictions look like, and how to run it
+(with the ONNX export's files and check when ``onnx/`` holds one).
 
 :class:`ModelCardCallback` rewrites the card on every checkpoint save and before every Hub push
 (with the latest evaluation); :func:`~hf_detr_ft.run.run_training` sets the final metrics
@@ -13,6 +14,7 @@ reader what the model detects and how well (per-class AP), how it was trained, o
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..arguments import effective_batch_size
 from ..data.dataset_report import REPORT_JSON, split_stats
 from ..evaluation.coco_metrics import SUMMARY_METRICS
+from .onnx_export import EXPORT_DIR, exported_files
+from .onnx_usage import CHECK_FILE
+from .output_files import write_text_atomic
 from .training_report import SAMPLES_PLOT
 
 logger = logging.getLogger(__name__)
@@ -71,7 +76,7 @@ on {{ dataset_text }}. It detects {{ class_names | length }} classes:
 `pipeline` returns one dict per detection: `label`, `score` and `box` (`xmin`, `ymin`, `xmax`,
 `ymax` in pixels). Pass your own image as a path, URL or `PIL.Image`; `example.jpg` is one image
 of the evaluation split.
-
+{{ onnx_section }}
 ## Evaluation
 
 {% if metrics_source -%}
@@ -288,6 +293,7 @@ def build_model_card(
         dataset_report=REPORT_JSON,
         hyperparameters=list(context.hyperparameters.items()),
         history_rows=_history_rows(log_history or []),
+        onnx_section=onnx_card_section(output_dir),
     )
 
 
@@ -381,6 +387,59 @@ def _write_example_image(path: Path, context: CardContext) -> None:
     if path.exists() or data is None or len(data) == 0:
         return
     data[0]["image"].convert("RGB").save(path, format="JPEG", quality=90)
+
+
+ONNX_SECTION = "### ONNX"
+
+
+def onnx_card_section(output_dir: str | Path) -> str:
+    """The card's section on the ONNX export in ``output_dir/onnx`` ("" without one)."""
+    folder = Path(output_dir) / EXPORT_DIR
+    files = exported_files(folder)
+    if not files:
+        return ""
+    rows = "\n".join(
+        f"| `{EXPORT_DIR}/{path.name}` | {path.stat().st_size / 1e6:.1f} MB |" for path in files
+    )
+    return (
+        f"\n{ONNX_SECTION}\n\n`{EXPORT_DIR}/` holds the model exported to ONNX"
+        f"{_onnx_check_text(folder)}:\n\n| file | size |\n|---|---|\n{rows}\n\n"
+        f"`{EXPORT_DIR}/README.md` shows how to run it with onnxruntime alone (inputs, outputs, "
+        f"pre- and post-processing in numpy); `hf-detr-ft predict --model "
+        f"{EXPORT_DIR}/model.onnx` runs it too.\n"
+    )
+
+
+def refresh_onnx_section(output_dir: str | Path) -> bool:
+    """Put the current :func:`onnx_card_section` into an existing hf-detr-ft card (after an
+    export outside training); returns whether the card was rewritten."""
+    path = Path(output_dir) / CARD_FILE
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    if "hf-detr-ft" not in text or "\n## Evaluation" not in text:
+        return False  # not a card this package wrote
+    start = text.find(f"\n{ONNX_SECTION}\n")
+    end = text.index("\n## Evaluation")
+    head = text[:start] if 0 <= start < end else text[:end]
+    write_text_atomic(path, f"{head.rstrip()}\n{onnx_card_section(output_dir)}{text[end:]}")
+    return True
+
+
+def _onnx_check_text(folder: Path) -> str:
+    """What the export's check found, for the card (empty without a readable check)."""
+    try:
+        check = json.loads((folder / CHECK_FILE).read_text())
+        fp32 = check["variants"]["fp32"]
+        return (
+            f" (opset {check['opset']}) and checked against this PyTorch model on "
+            f"{len(check['images'])} images: largest score difference "
+            f"{fp32['max_score_diff']:.1e}, largest box difference "
+            f"{fp32['max_box_diff_px']:.2g} px (`{EXPORT_DIR}/{CHECK_FILE}`)"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _base_model_text(base_model: str | None) -> str:

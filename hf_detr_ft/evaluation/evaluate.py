@@ -21,16 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+
 from ..arguments import DetrTrainingArguments
 from ..artifacts.output_files import claim_files, write_text_atomic
 from ..data.dataset import load_detection_dataset
 from ..data.splits import canonical_split
 from ..errors import ArgumentError, DatasetError
+from ..inference.onnx_runtime import OnnxDetector, is_onnx_model, load_onnx_detector
 from ..models.loading import check_model_classes, load_detector
 from ..pipeline.collate import collate_fn
 from ..pipeline.transforms import DetrTransform
 from ..training.trainer import DetrTrainer
 from .coco_metrics import SUMMARY_METRICS, CocoEvaluator
+from .onnx_evaluation import onnx_coco_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +118,8 @@ def evaluate(
     validation_fraction: float = 0.1,
     seed: int = 42,
 ) -> EvaluationResult:
-    """COCO metrics of ``model`` (a fine-tuned folder or Hub id) on a split of ``dataset_dir``.
+    """COCO metrics of ``model`` (a fine-tuned folder or Hub id, or an exported ``.onnx`` file,
+    run by ONNX Runtime on the CPU: :mod:`.onnx_evaluation`) on a split of ``dataset_dir``.
 
     ``split`` is ``train``, ``validation`` (or ``val``/``valid``) or ``test``. A folder without
     a validation split gets the one training split off (``validation_fraction``, ``seed``: the
@@ -128,9 +133,44 @@ def evaluate(
     split = canonical_split(split) or split
     if split not in data.splits:
         raise DatasetError(f"{data.root} has no {split!r} split; it has {', '.join(data.splits)}.")
-    detector, processor = load_detector(model, device="cpu")  # the Trainer places it
+    if is_onnx_model(model):  # ONNX Runtime, fed and scored as the Trainer does (no losses)
+        detector, processor = load_onnx_detector(model)
+    else:
+        detector, processor = load_detector(model, device="cpu")  # the Trainer places it
     check_model_classes(detector.config, data.class_names, model, data.root)
     dataset = data.splits[split]
+    if isinstance(detector, OnnxDetector):
+        found, evaluator = onnx_coco_metrics(detector, processor, dataset, batch_size)
+        main_process = PartialState().is_main_process
+    else:
+        found, evaluator, main_process = _trainer_metrics(
+            detector, processor, dataset, batch_size, device
+        )
+    result = EvaluationResult(
+        model=str(model),
+        dataset_dir=str(data.root),
+        split=split,
+        images=len(dataset),
+        boxes=sum(len(objects["category"]) for objects in dataset.with_format(None)["objects"]),
+        class_names=data.class_names,
+        metrics={name: found[f"eval_{name}"] for name in SUMMARY_METRICS},
+        per_class={
+            name: {"ap": found[f"eval_ap_{name}"], "ar": found[f"eval_ar_{name}"]}
+            for name in data.class_names
+        },
+        losses={name: found[f"eval_{name}"] for name in LOSS_TERMS if f"eval_{name}" in found},
+        predictions=(evaluator.results(data.label_map.source_ids) if save_predictions else None),
+    )
+    if output_dir is not None and main_process:
+        write_evaluation(result, output_dir)
+    return result
+
+
+def _trainer_metrics(
+    detector: Any, processor: Any, dataset: Any, batch_size: int, device: str | None
+) -> tuple[dict[str, float], CocoEvaluator, bool]:
+    """The Trainer's evaluation of a PyTorch model: its metrics, its evaluator (every
+    process's detections) and whether this is the main process."""
     with tempfile.TemporaryDirectory() as scratch:
         trainer = _EvaluationTrainer(
             model=detector,
@@ -147,26 +187,7 @@ def evaluate(
             data_collator=collate_fn,
         )
         found = trainer.evaluate(DetrTransform.for_evaluation(processor).apply_to(dataset))
-    result = EvaluationResult(
-        model=str(model),
-        dataset_dir=str(data.root),
-        split=split,
-        images=len(dataset),
-        boxes=sum(len(objects["category"]) for objects in dataset.with_format(None)["objects"]),
-        class_names=data.class_names,
-        metrics={name: found[f"eval_{name}"] for name in SUMMARY_METRICS},
-        per_class={
-            name: {"ap": found[f"eval_ap_{name}"], "ar": found[f"eval_ar_{name}"]}
-            for name in data.class_names
-        },
-        losses={name: found[f"eval_{name}"] for name in LOSS_TERMS if f"eval_{name}" in found},
-        predictions=(
-            trainer.evaluator.results(data.label_map.source_ids) if save_predictions else None
-        ),
-    )
-    if output_dir is not None and trainer.is_world_process_zero():
-        write_evaluation(result, output_dir)
-    return result
+    return found, trainer.evaluator, trainer.is_world_process_zero()
 
 
 def write_evaluation(result: EvaluationResult, output_dir: str | Path) -> list[Path]:

@@ -3,4 +3,5 @@
 detect         batched forward pass and post-processing to boxes in pixels
 predict        image files, folders and globs -> detections, pictures, one COCO JSON
 explain        decoder cross-attention of the top detections, as a figure
+onnx_runtime   an exported ONNX model run by ONNX Runtime, as detect/predict/evaluate call it
 """

@@ -57,6 +57,7 @@ from ..errors import InputError
 from ..models.loading import load_detector
 from ..pipeline.transforms import DetrTransform, channels_last_view
 from .detect import PreparedBatch, detect_prepared, prepare_batch
+from .onnx_runtime import is_onnx_model, load_onnx_detector
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def predict(
     *,
     device: str | torch.device | None = None,
 ) -> list[ImagePrediction]:
-    """Detect objects in images, folders and globs with a fine-tuned model (folder or Hub id).
+    """Detect objects in images, folders and globs with a fine-tuned model (folder or Hub id,
+    or an exported ``.onnx`` file, run by ONNX Runtime on the CPU).
 
     Keeps detections scoring at least ``threshold``. With ``output_dir``, writes a picture per
     image and ``predictions.json`` (see the module docstring). Unreadable images are skipped
@@ -171,7 +173,9 @@ def predict(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     files = find_images(inputs)
-    detector, processor = load_detector(model, device=device)
+    detector, processor = (
+        load_onnx_detector(model) if is_onnx_model(model) else load_detector(model, device=device)
+    )
     class_names = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
     out = Path(output_dir) if output_dir is not None else None
     pictures = _picture_names(files) if out is not None else {}
