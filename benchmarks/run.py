@@ -591,6 +591,13 @@ def main(argv: list[str] | None = None) -> int:
         help="training time per side in the learning section (full: 4, --quick: 0 = skipped)",
     )
     parser.add_argument("--learning-only", action="store_true", help="only the learning section")
+    parser.add_argument(
+        "--families",
+        action="store_true",
+        help="also the families section (families.py: a row per model type, RT-DETR ours vs "
+        "stock; ~10 min, --smoke: the tests' tiny models)",
+    )
+    parser.add_argument("--families-only", action="store_true", help="only the families section")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the learning section")
     parser.add_argument(
         "--peak-tflops",
@@ -607,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"settings": {**vars(args), **settings}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if not args.learning_only:
+        if not (args.learning_only or args.families_only):
             results.update(speed_sections(sizes, models, quick, work))
             if torch.cuda.is_available():
                 results["gpu"] = gpu_section(
@@ -619,8 +626,12 @@ def main(argv: list[str] | None = None) -> int:
                     bf16=True,
                     peak_tflops=args.peak_tflops,
                 )
+        if args.families or args.families_only:
+            from families import run_families
+
+            results["families"] = run_families(mode, work)
         minutes = sizes["budget"] if args.budget_minutes is None else args.budget_minutes
-        if minutes > 0:
+        if minutes > 0 and not args.families_only:
             splits = LEARNING_SMOKE_SPLITS if args.smoke else LEARNING_SPLITS
             results["learning"] = learning_section(minutes, splits, work, args.seed)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,40 @@ def test_benchmark_quick_run_writes_its_json(tmp_path) -> None:
         assert 0 <= row["map"] <= row["map_50"] <= 1
 
 
+def test_benchmark_families_smoke_run_has_a_row_per_type(tmp_path) -> None:
+    # The families section on the tests' tiny models: a row per model type (and so per family)
+    # with positive rates, and RT-DETR's ours-vs-stock head-to-head; nothing else runs.
+    if not BCCD.is_dir():
+        pytest.skip(f"real data not found at {BCCD}")
+    from hf_detr_ft.models.families import FAMILIES, SUPPORTED_TYPES
+
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "run.py"),
+        "--smoke",
+        "--families-only",
+        "--output",
+        str(output),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())
+
+    assert "train" not in results and "learning" not in results
+    rows = results["families"]["rows"]
+    assert set(rows) == set(SUPPORTED_TYPES)
+    assert {row["family"] for row in rows.values()} == {family.name for family in FAMILIES}
+    for row in rows.values():
+        assert row["train_images_per_s"] > 0 and row["eval_images_per_s"] > 0
+        assert row["parameters_m"] > 0 and len(row["input_size"]) == 2
+    head_to_head = results["families"]["head_to_head"]["rt_detr"]
+    for side in ("ours", "stock"):
+        assert head_to_head[side]["images_per_s"] > 0
+        assert head_to_head[side]["input_size"] == [64, 64]  # the common size, both sides
+    assert head_to_head["speedup"] > 0
+
+
 def test_gpu_section_counts_flops_and_rates(tmp_path, monkeypatch) -> None:
     # Made for DETR-R50 in bf16 on a GPU; the same code on the tiny model, fp32, on the CPU.
     if not BCCD.is_dir():
