@@ -12,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import two_process_launch
@@ -25,7 +26,7 @@ from hf_detr_ft.errors import ArgumentError, ModelLoadError
 from hf_detr_ft.inference.explain import explain
 from hf_detr_ft.models.families import FAMILIES, SUPPORTED_TYPES, family_of
 from hf_detr_ft.models.loading import load_image_processor
-from hf_detr_ft.pipeline.transforms import train_sizes
+from hf_detr_ft.pipeline.transforms import channels_last_view, resize_for_model, train_sizes
 from hf_detr_ft.training.ema import TRAINING_WEIGHTS_FILE
 
 CLASSES = ["circle", "square", "triangle"]
@@ -60,6 +61,21 @@ def test_processor_sizes_follow_the_family_contract(tiny_models, model_type) -> 
     else:
         assert processor.size == {"shortest_edge": 100, "longest_edge": 120}
         assert width <= 120 and (height % 16 == 0 if model_type == "yolos" else True)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_our_resize_feeds_the_pixels_the_processor_would(tiny_models, model_type) -> None:
+    # Training, evaluate and predict resize with resize_for_model, then let the processor
+    # rescale and normalise: the result must be the processor's own (RF-DETR's resizes
+    # without antialiasing) up to uint8 rounding, on a photo it shrinks.
+    processor = load_image_processor(tiny_models[model_type], image_size=100, max_image_size=120)
+    photo = np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8)
+    expected = processor(images=Image.fromarray(photo), return_tensors="pt")["pixel_values"]
+    resized = resize_for_model(processor, channels_last_view(photo))
+    ours = processor(images=resized, do_resize=False, return_tensors="pt")["pixel_values"]
+    assert ours.shape == expected.shape
+    one_level = 1 / 255 / min(processor.image_std)  # a uint8 step after normalisation
+    assert (ours - expected).abs().max() <= one_level + 1e-4
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)

@@ -7,8 +7,8 @@ session call and the family's post-processing: softmax with a no-object class, o
 scores of the best (query, class) pairs, boxes scaled to pixels). :class:`SnippetSpec` reads
 what they need from the image processor and the model's family; where the processor's resize
 is not Pillow's antialiased one (RF-DETR's processor rescales first and resizes without
-antialiasing), the snippet carries a numpy resize of that kind, chosen by which of the two
-reproduces the processor on a probe image. :func:`check_snippet` runs the code as written on
+antialiasing: the family table's ``resize_antialias``), the snippet carries a numpy resize of
+that kind. :func:`check_snippet` runs the code as written on
 the export's check images against the PyTorch model, and :func:`write_usage` writes the
 README: files, inputs and outputs with their shapes and meanings, the code.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..inference.detect import prepare_batch
 from ..inference.onnx_runtime import OnnxOutput
-from ..models.families import Family, family_of
+from ..models.families import Family, family_of, resizes_with_antialias
 
 ONNX_FILE = "model.onnx"
 USAGE_FILE = "README.md"
@@ -72,7 +72,7 @@ class SnippetSpec:
         size = dict(processor.size)
         fixed = (size["height"], size["width"]) if size.get("height") else None
         sample = prepare_batch(processor, [Image.new("RGB", (64, 48))]).inputs
-        spec = cls(
+        return cls(
             inputs=model_input_names(model, sample),
             fixed_size=fixed,
             shortest_edge=None if fixed else size.get("shortest_edge"),
@@ -83,9 +83,8 @@ class SnippetSpec:
             std=list(processor.image_std) if processor.do_normalize else None,
             sigmoid=family.sigmoid_classes,
             top_k=_top_k(processor, config) if family.sigmoid_classes else None,
+            antialias=resizes_with_antialias(processor),
         )
-        spec.antialias = _resizes_with_antialias(spec, processor)
-        return spec
 
 
 def _top_k(processor: BaseImageProcessor, config: PretrainedConfig) -> int:
@@ -94,23 +93,6 @@ def _top_k(processor: BaseImageProcessor, config: PretrainedConfig) -> int:
     probe = OnnxOutput(torch.zeros(1, queries, classes), torch.full((1, queries, 4), 0.5))
     kept = processor.post_process_object_detection(probe, threshold=0.0, target_sizes=[(8, 8)])
     return int(len(kept[0]["scores"]))
-
-
-def _resizes_with_antialias(spec: SnippetSpec, processor: BaseImageProcessor) -> bool:
-    """Whether the processor's resize matches Pillow's (antialiased) resize or torch's plain
-    bilinear one better, on a random image it shrinks (antialiasing only acts when shrinking)."""
-    side = 2 * max(spec.fixed_size or (spec.longest_edge or 2 * (spec.shortest_edge or 400),))
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (side + 37, side, 3), np.uint8))
-    expected = processor(images=[image], return_tensors="pt")["pixel_values"][0].numpy()
-    errors = {}
-    for antialias in (True, False):
-        namespace = _snippet_namespace(SnippetSpec(**{**asdict(spec), "antialias": antialias}))
-        ours = namespace["preprocess"](image)["pixel_values"][0]
-        errors[antialias] = (
-            float(np.abs(ours - expected).max()) if ours.shape == expected.shape else np.inf
-        )
-    return errors[True] <= errors[False]
 
 
 def _snippet_namespace(spec: SnippetSpec, model_dir: str | None = None) -> dict[str, Any]:

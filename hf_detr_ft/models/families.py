@@ -91,6 +91,9 @@ class Family:
     dense_cross_attention: bool
     recipe: Recipe
     checkpoints: tuple[str, ...] = field(default=())
+    #: Whether the processor shrinks images with antialiasing (torchvision's default); RF-DETR's
+    #: rescales to floats first and resizes without it, so our own resize must do the same.
+    resize_antialias: bool = True
 
     def num_queries(self, config: Any) -> int:
         return getattr(config, self.query_count)
@@ -358,10 +361,20 @@ FAMILIES: tuple[Family, ...] = (
         dense_cross_attention=False,
         recipe=_LW_DETR_RECIPE,
         checkpoints=("Roboflow/rf-detr-small", "Roboflow/rf-detr-nano", "Roboflow/rf-detr-medium"),
+        resize_antialias=False,
     ),
 )
 
 SUPPORTED_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
+
+
+def resizes_with_antialias(image_processor: Any) -> bool:
+    """Whether ``image_processor`` (of any family's processor class) resizes with
+    antialiasing; a processor class no family names is assumed to, as torchvision does."""
+    name = type(image_processor).__name__
+    return all(f.resize_antialias for f in FAMILIES if f.processor == name)
+
+
 _BY_TYPE = {t: family for family in FAMILIES for t in family.model_types}
 
 

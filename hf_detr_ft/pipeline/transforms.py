@@ -64,6 +64,7 @@ from transformers.image_utils import SizeDict, get_image_size_for_max_height_wid
 
 from ..data.image_files import IMAGE_ERRORS, decode_for_resize
 from ..errors import DatasetError
+from ..models.families import resizes_with_antialias
 from .image_cache import DecodedImageCache, default_cache_mb, image_key
 
 logger = logging.getLogger(__name__)
@@ -365,7 +366,12 @@ def resize_for_model(
     if not (isinstance(image_processor, TorchvisionBackend) and image_processor.do_resize):
         return None
     rule = {**dict(image_processor.size), **(size or {})}
-    return image_processor.resize(pixels, SizeDict(**rule), resample=image_processor.resample)
+    return image_processor.resize(
+        pixels,
+        SizeDict(**rule),
+        resample=image_processor.resample,
+        antialias=resizes_with_antialias(image_processor),
+    )
 
 
 @functools.cache
