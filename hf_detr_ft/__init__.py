@@ -48,6 +48,7 @@ _PUBLIC = {
     "EvaluationResult": "evaluation.evaluate",
     "evaluate": "evaluation.evaluate",
     "ImagePrediction": "inference.predict",
+    "VideoPrediction": "inference.video",
     "predict": "inference.predict",
     "explain": "inference.explain",
     "export": "artifacts.onnx_export",

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
 from .artifacts.onnx_export import FORMATS as EXPORT_FORMATS
 from .artifacts.onnx_export import QUANTIZATIONS
 from .errors import ArgumentError
 from .models.families import Family
 from .models.loading import DEFAULT_MODEL
+from .pipeline.augmentation import build_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,18 @@ class DataArguments:
         default=False,
         metadata={"help": "Make every dropped image or box an error instead of a counted warning."},
     )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where a COCO folder's checked splits are kept as Arrow files, built once "
+            "and memory-mapped by later runs and other processes. Default: $HF_DETR_FT_CACHE, "
+            "else ~/.cache/hf_detr_ft/datasets (see docs/datasets.md)."
+        },
+    )
+    dataset_cache: bool = field(
+        default=True,
+        metadata={"help": "Use the dataset cache (--no_dataset_cache reads the folder anew)."},
+    )
     validation_fraction: float = field(
         default=0.1,
         metadata={
@@ -167,6 +180,15 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N images of each evaluation split."}
     )
+    augmentation: str = field(
+        default="default",
+        metadata={
+            "help": "Training augmentation: none, default (flip, box-safe crop, brightness/"
+            "contrast), strong (default + scale/shift/rotate, colour jitter, blur) or a "
+            ".json/.yaml file saved with albumentations' A.save (checked before training; "
+            "see docs/training.md)."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -191,6 +213,7 @@ class DataArguments:
         if self.min_scale is not None and not 0 < self.min_scale <= 1:
             raise ArgumentError(f"min_scale must be in (0, 1], got {self.min_scale}.")
         _check_at_least("image_cache_mb", self.image_cache_mb, 0, optional=True)
+        build_augmentation(self.augmentation)  # a bad preset or file: refused before any data
 
 
 @dataclass
@@ -329,6 +352,24 @@ class DetrTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Stop training (instead of only warning) when that check fails."},
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training when metric_for_best_model (mAP) has not improved by more "
+            "than early_stopping_threshold for this many evaluations in a row (default: off)."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "The least change of the metric that counts as an improvement."},
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Also print every log as a dict and the metric dumps, as transformers does "
+            "(by default: one table row per evaluation; every log is in train_log.jsonl)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.auto_mixed_precision and not self._mixed_precision_configured():
@@ -355,6 +396,7 @@ class DetrTrainingArguments(TrainingArguments):
             )
         if self.ema_tau is not None and not 0 < self.ema_tau < math.inf:
             raise ArgumentError(f"ema_tau must be positive and finite, got {self.ema_tau}.")
+        _check_early_stopping(self)
 
     def _mixed_precision_configured(self) -> bool:
         """Mixed precision chosen by the user: a flag, accelerate's config (its environment
@@ -379,6 +421,25 @@ class DetrTrainingArguments(TrainingArguments):
         state = self.__dict__.copy()
         state.update({key: None for key in state if key.endswith("_token")})
         return state
+
+
+def _check_early_stopping(args: DetrTrainingArguments) -> None:
+    """Early stopping watches ``metric_for_best_model`` at each evaluation: refuse settings
+    without either (transformers' callback would only fail once training starts)."""
+    _check_at_least("early_stopping_patience", args.early_stopping_patience, 1, optional=True)
+    _check_at_least("early_stopping_threshold", args.early_stopping_threshold, 0)
+    if args.early_stopping_patience is None:
+        return
+    if args.eval_strategy == IntervalStrategy.NO:
+        raise ArgumentError(
+            "early_stopping_patience needs evaluations to watch, but eval_strategy is 'no': "
+            "set eval_strategy to epoch or steps."
+        )
+    if args.metric_for_best_model is None:
+        raise ArgumentError(
+            "early_stopping_patience watches metric_for_best_model, which is not set: set it "
+            "(e.g. eval_map)."
+        )
 
 
 def _check_at_least(name: str, value: float | None, low: float, optional: bool = False) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import INTERRUPTED_EXIT_CODE, HfDetrFtError, TrainingInterrupted
+from .wording import plural
 
 COMMANDS = {
     "train": "fine-tune a DETR model on a COCO dataset folder (see `hf-detr-ft train --help`)",
@@ -87,17 +88,25 @@ NON_NEGATIVE_INT = _bounded(int, 0)
 SCORE = _bounded(float, 0.0, 1.0)
 
 
+def SCORE_OR_AUTO(text: str) -> float | str:  # noqa: N802 (an argparse type, named as those above)
+    """``auto`` (the best-F1 score threshold) or a score between 0 and 1."""
+    if text == "auto":
+        return text
+    try:
+        return SCORE(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number: {err}") from None
+
+
 def train(argv: list[str]) -> int:
     from .arguments import parse_train_args
     from .run import run_training
+    from .training.console import run_summary
 
     model_args, data_args, training_args = parse_train_args(argv, prog="hf-detr-ft train")
     result = run_training(model_args, data_args, training_args)
     if training_args.process_index == 0:
-        print(
-            f"\nSaved the fine-tuned model to {result.output_dir}; {result.eval_split} mAP "
-            f"{result.metrics['eval_map']:.3f} (mAP50 {result.metrics['eval_map_50']:.3f})."
-        )
+        print(f"\n{run_summary(result, data_args.dataset_dir)}")
     return 0
 
 
@@ -133,6 +142,12 @@ def _dataset_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--dataset_format", default="auto", help="auto, coco, voc, yolo or hf")
     parser.add_argument("--dataset_layout", default="auto", help="COCO: auto, roboflow or coco")
     parser.add_argument("--strict", action="store_true", help="make every drop an error")
+    parser.add_argument(
+        "--dataset_cache_dir", help="dataset cache folder (default: $HF_DETR_FT_CACHE or ~/.cache)"
+    )
+    parser.add_argument(
+        "--no_dataset_cache", action="store_true", help="read the folder, not the dataset cache"
+    )
     return parser
 
 
@@ -143,12 +158,34 @@ def inspect(argv: list[str]) -> int:
     parser.add_argument(
         "--preview", type=NON_NEGATIVE_INT, default=0, metavar="N", help="draw N images"
     )
+    parser.add_argument(
+        "--augmented",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        metavar="N",
+        help="draw N training images as the training augments them",
+    )
+    parser.add_argument(
+        "--augmentation",
+        default="default",
+        help="with --augmented: none, default, strong or an A.save file, as train's",
+    )
+    parser.add_argument(
+        "--seed", type=NON_NEGATIVE_INT, default=42, help="with --augmented: the training's seed"
+    )
     parser.add_argument("--output_dir", default="dataset-report", help="where files go")
     args = parser.parse_args(argv)
 
     from .artifacts.output_files import claim_files
     from .data.dataset import load_detection_dataset
     from .data.dataset_report import REPORT_JSON, REPORT_TEXT, build_report
+
+    if args.augmented:
+        from .data.preview import AUGMENTED_FILE, save_augmented_samples
+        from .errors import DatasetError
+        from .pipeline.augmentation import augmented_samples, build_augmentation
+
+        build_augmentation(args.augmentation)  # a bad preset or file: before the data loads
 
     data = load_detection_dataset(
         args.dataset,
@@ -157,6 +194,8 @@ def inspect(argv: list[str]) -> int:
         dataset_format=args.dataset_format,
         validation_fraction=0,
         strict=args.strict,
+        cache=not args.no_dataset_cache,
+        cache_dir=args.dataset_cache_dir,
     )
     report = build_report(data)
     names = [REPORT_JSON, REPORT_TEXT]
@@ -164,13 +203,27 @@ def inspect(argv: list[str]) -> int:
         from .data.preview import CHART_FILE, save_class_chart, write_preview
 
         names.append(CHART_FILE)
+    if args.augmented:
+        if "train" not in data.splits:
+            raise DatasetError(f"{args.dataset} has no train split for --augmented to draw.")
+        names.append(AUGMENTED_FILE)
     claim_files(args.output_dir, names)
     json_path, _ = report.write(args.output_dir)
     print(f"{report.table()}\n\nReport with every problem: {json_path}")
     if args.preview:
         pictures = write_preview(data, args.output_dir, args.preview)
         chart = save_class_chart(report, f"{args.output_dir}/{CHART_FILE}")
-        print(f"Preview: {len(pictures)} pictures in {pictures[0].parent}; chart: {chart}")
+        shown = plural(len(pictures), "picture")
+        print(f"Preview: {shown} in {pictures[0].parent}; chart: {chart}")
+    if args.augmented:
+        samples = augmented_samples(
+            data.splits["train"], args.augmentation, args.augmented, args.seed
+        )
+        title = f"Training images, augmentation {args.augmentation} (seed {args.seed})"
+        path = save_augmented_samples(
+            samples, data.class_names, f"{args.output_dir}/{AUGMENTED_FILE}", title
+        )
+        print(f"Augmented training images: {path}")
     return 0
 
 
@@ -190,6 +243,8 @@ def convert(argv: list[str]) -> int:
         dataset_format=args.dataset_format,
         validation_fraction=0,
         strict=args.strict,
+        cache=not args.no_dataset_cache,
+        cache_dir=args.dataset_cache_dir,
     )
     root = write_coco_folder(data, args.destination)
     sizes = ", ".join(f"{split} {len(ds)}" for split, ds in data.splits.items())
@@ -203,18 +258,15 @@ def demo(argv: list[str]) -> int:
     parser.add_argument(
         "--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the data and the training"
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="also print every log as a dict (as transformers)"
+    )
     args = parser.parse_args(argv)
 
     from .demo import run_demo
 
-    result = run_demo(args.output_dir, seed=args.seed)
-    print(
-        "\nhf-detr-ft demo: fine-tuned a small DETR on synthetic circles, squares, triangles\n"
-        f"  mAP@[.5:.95]  before {result.map_before:.3f}  ->  after {result.map_after:.3f}\n"
-        f"  mAP@.5        before {result.map50_before:.3f}  ->  after {result.map50_after:.3f}\n"
-        f"  model:        {result.output_dir / 'model'}\n"
-        f"  picture:      {result.picture} (ground truth left, predictions right)"
-    )
+    result = run_demo(args.output_dir, seed=args.seed, verbose=args.verbose)
+    print(f"\n{result.summary()}")
     return 0
 
 
@@ -236,6 +288,24 @@ def evaluate(argv: list[str]) -> int:
         "--batch_size", type=POSITIVE_INT, default=8, help="images per device per step"
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    parser.add_argument(
+        "--threshold",
+        type=SCORE_OR_AUTO,
+        default="auto",
+        help="score threshold of the confusion matrix (default auto: the one of best F1)",
+    )
+    parser.add_argument(
+        "--iou_threshold",
+        type=SCORE,
+        default=0.5,
+        help="IoU of a match (confusion matrix, PR curves): 0.5 (default), 0.55, ..., 0.95",
+    )
+    parser.add_argument(
+        "--num_worst",
+        type=NON_NEGATIVE_INT,
+        default=4,
+        help="draw the N images with most errors (default 4; 0: none)",
+    )
     args = parser.parse_args(argv)
 
     from pathlib import Path
@@ -254,27 +324,56 @@ def evaluate(argv: list[str]) -> int:
         save_predictions=args.save_predictions,
         batch_size=args.batch_size,
         device="cpu" if args.cpu else None,
+        threshold=args.threshold,
+        iou_threshold=args.iou_threshold,
+        num_worst=args.num_worst,
     )
     if PartialState().is_main_process:
         saved = Path(output_dir) / EVALUATION_FILE.format(split=result.split)
-        print(f"\n{result.table()}\n\nSaved to {saved}")
+        print(f"\n{result.table()}\n\nSaved to {saved} (error analysis beside it)")
     return 0
 
 
 def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hf-detr-ft predict", description=COMMANDS["predict"])
-    parser.add_argument("inputs", nargs="+", help="images, folders or globs (quote globs)")
+    parser.add_argument(
+        "inputs", nargs="+", help="images, videos (.mp4 .avi .mov .mkv .webm), folders or globs"
+    )
     parser.add_argument("--model", required=True, help="fine-tuned model folder or Hub id")
-    parser.add_argument("--threshold", type=SCORE, default=0.5, help="lowest score kept")
+    parser.add_argument(
+        "--threshold",
+        type=SCORE_OR_AUTO,
+        default=0.5,
+        help="lowest score kept (auto: the best-F1 one saved with the model)",
+    )
     parser.add_argument("--output_dir", default="predictions", help="pictures + predictions.json")
     parser.add_argument(
         "--batch_size", type=POSITIVE_INT, default=8, help="images per forward pass"
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    parser.add_argument(
+        "--tile",
+        type=_bounded(int, 32),
+        metavar="SIZE",
+        help="also run SIZE x SIZE pixel tiles of each image (small objects in large images)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=_bounded(float, 0.0, 0.9),
+        default=0.2,
+        help="with --tile: overlap of neighbouring tiles, a fraction of SIZE (default 0.2)",
+    )
+    parser.add_argument(
+        "--tile_nms_iou",
+        type=SCORE,
+        default=0.5,
+        help="with --tile: IoU above which boxes of one class are merged (default 0.5)",
+    )
     args = parser.parse_args(argv)
 
     from .inference.predict import PREDICTIONS_FILE
     from .inference.predict import predict as predict_images
+    from .inference.video import VideoPrediction
 
     found = predict_images(
         args.model,
@@ -283,11 +382,22 @@ def predict(argv: list[str]) -> int:
         output_dir=args.output_dir,
         batch_size=args.batch_size,
         device="cpu" if args.cpu else None,
+        tile=args.tile,
+        overlap=args.overlap,
+        tile_nms_iou=args.tile_nms_iou,
     )
-    boxes = sum(len(p.boxes.labels) for p in found)
+    videos = [p for p in found if isinstance(p, VideoPrediction)]
+    frames = [frame for video in videos for frame in video.frames]
+    images = [p for p in found if not isinstance(p, VideoPrediction)]
+    boxes = sum(len(p.boxes.labels) for p in [*images, *frames])
+    in_videos = (
+        f" and {plural(len(frames), 'frame')} of {plural(len(videos), 'video')}" if videos else ""
+    )
+    written = f"pictures and {PREDICTIONS_FILE}" if images else "annotated videos and JSON"
+    score = "the saved best-F1 threshold" if args.threshold == "auto" else args.threshold
     print(
-        f"{boxes} objects (score >= {args.threshold}) in {len(found)} images; pictures and "
-        f"{PREDICTIONS_FILE} in {args.output_dir}"
+        f"{plural(boxes, 'object')} (score >= {score}) in "
+        f"{plural(len(images), 'image')}{in_videos}; {written} in {args.output_dir}"
     )
     return 0
 

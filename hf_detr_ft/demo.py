@@ -17,8 +17,9 @@ from pathlib import Path
 from .artifacts.training_report import SAMPLES_PLOT
 from .data.synthetic import DEMO_CLASSES, make_shapes_dataset
 from .errors import TrainingInterrupted
-from .run import METRICS_FILE, finetune
+from .run import METRICS_FILE, FinetuneResult, finetune
 from .training.checkpoints import last_complete_checkpoint
+from .training.console import run_summary
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo_detr"
 _MARKER = ".hf-detr-ft-demo"
@@ -51,9 +52,29 @@ class DemoResult:
     map50_before: float
     map50_after: float
     picture: Path
+    run: FinetuneResult
+    data_dir: Path
+
+    def summary(self) -> str:
+        """The run's summary block, headed by what the demo shows: mAP before and after."""
+        headline = [
+            "  fine-tuned a small pretrained detector on synthetic circles, squares, triangles",
+            f"  mAP       {self.map_before:.3f} before -> {self.map_after:.3f} after",
+            f"  mAP@.5    {self.map50_before:.3f} before -> {self.map50_after:.3f} after",
+            f"  picture   {self.picture} (ground truth left, predictions right)",
+        ]
+        return run_summary(
+            self.run,
+            self.data_dir,
+            title="hf-detr-ft demo finished",
+            headline=headline,
+            predict_inputs=str(self.data_dir / "valid"),
+        )
 
 
-def run_demo(output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0) -> DemoResult:
+def run_demo(
+    output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0, verbose: bool = False
+) -> DemoResult:
     """Run the whole demo in ``output_dir``. Re-running replaces an earlier demo's output,
     except a demo stopped with Ctrl-C with the same seed, which continues where it stopped."""
     output_dir = Path(output_dir)
@@ -66,6 +87,7 @@ def run_demo(output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0) -> De
             model=DEMO_CHECKPOINT,
             output_dir=output_dir / "model",
             seed=seed,
+            verbose=verbose,
             **DEMO_SETTINGS,
         )
     except TrainingInterrupted as stopped:
@@ -83,6 +105,8 @@ def run_demo(output_dir: str | Path = "hf-detr-ft-demo", *, seed: int = 0) -> De
         map50_before=before["eval_map_50"],
         map50_after=result.metrics["eval_map_50"],
         picture=picture,
+        run=result,
+        data_dir=data_dir,
     )
 
 

@@ -32,6 +32,7 @@ from .arguments import (
     apply_family_data_defaults,
     apply_family_recipe,
 )
+from .artifacts.error_report import error_analysis_files, write_error_analysis
 from .artifacts.model_card import (
     CARD_FILE,
     EXAMPLE_IMAGE,
@@ -45,11 +46,16 @@ from .artifacts.training_report import TRAINING_REPORT_FILES, write_training_rep
 from .data.dataset import DetectionDataset, load_detection_dataset
 from .data.dataset_report import REPORT_JSON, REPORT_TEXT, DatasetReport, build_report
 from .errors import DatasetError, ExportError, TrainingInterrupted
+from .evaluation.error_analysis import analyse_errors
 from .models.families import family_of
 from .models.loading import DEFAULT_MODEL, load_image_processor, load_model
+from .models.thresholds import store_score_thresholds
+from .pipeline.augmentation import describe_augmentation
 from .pipeline.collate import collate_fn
 from .pipeline.transforms import AugmentationEpochCallback, DetrTransform
 from .training.checkpoints import StopOnInterrupt, last_complete_checkpoint
+from .training.console import TRAIN_LOG, LogFileCallback
+from .training.early_stopping import early_stopping_callbacks
 from .training.preflight import PREFLIGHT_REPORT, run_preflight
 from .training.run_guard import (
     RUN_RECORD,
@@ -69,6 +75,7 @@ METRICS_FILE = "metrics.json"
 #: :mod:`.artifacts.output_files`).
 RUN_OUTPUTS = (
     METRICS_FILE,
+    TRAIN_LOG,
     RUN_RECORD,
     REPORT_JSON,
     REPORT_TEXT,
@@ -117,7 +124,10 @@ def run_training(
         record = _run_record(data, model_args)
         checkpoint = _checkpoint_to_resume(training_args, record)  # before anything is written
         if main_process:
-            claim_files(training_args.output_dir, RUN_OUTPUTS, run_outputs=RUN_OUTPUTS)
+            analysis_files = error_analysis_files(data.eval_split)
+            claim_files(
+                training_args.output_dir, [*RUN_OUTPUTS, *analysis_files], run_outputs=RUN_OUTPUTS
+            )
             report.write(training_args.output_dir)
             write_run_record(training_args.output_dir, record)
         run = _build(data, model_args, data_args, training_args, callbacks)
@@ -149,6 +159,8 @@ def _load_data(
         validation_fraction=data_args.validation_fraction,
         seed=training_args.seed,
         strict=data_args.strict,
+        cache=data_args.dataset_cache,
+        cache_dir=data_args.dataset_cache_dir,  # one process builds it, the others map it
     )
     if "validation" not in data.splits:
         raise DatasetError(f"{data.root} has no validation split; set validation_fraction > 0.")
@@ -202,6 +214,7 @@ def _build(
         image_cache_mb=data_args.image_cache_mb,
         max_scale=family.recipe.train_scales[1],
         size_multiple=family.size_multiple(model.config),
+        augmentation=data_args.augmentation,
     )
     eval_transform = DetrTransform.for_evaluation(image_processor)
     card = ModelCardCallback(_card_context(data, splits, model_args, data_args, training_args))
@@ -220,8 +233,10 @@ def _build(
                 stop_if_not_learning=training_args.stop_if_not_learning,
             ),
             AugmentationEpochCallback(train_transform),
+            LogFileCallback(Path(training_args.output_dir) / TRAIN_LOG),
             interrupt,
             *callbacks,
+            *early_stopping_callbacks(training_args),  # last: it reads the metrics as logged
         ],
     )
     card.repo_id = trainer.hub_model_id  # the full id of the repo, when pushing
@@ -247,6 +262,7 @@ def _card_context(
             training_args,
             image_size=data_args.image_size,
             max_image_size=data_args.max_image_size,
+            augmentation=describe_augmentation(data_args.augmentation),
         ),
     )
 
@@ -267,7 +283,8 @@ def _train(run: _Run, checkpoint: str | None) -> TrainOutput:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if run.interrupt.stopped_at is not None:
         raise TrainingInterrupted(run.interrupt.message(args.output_dir))
-    trainer.log_metrics("train", result.metrics)
+    if args.verbose:  # else the run ends with its summary (training.console.run_summary)
+        trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     return result
@@ -276,7 +293,8 @@ def _train(run: _Run, checkpoint: str | None) -> TrainOutput:
 def _finish(
     run: _Run, train_result: TrainOutput, model_args: ModelArguments | None = None
 ) -> FinetuneResult:
-    """Final evaluation, the saved model, its report, its export (``--export``) and card, then
+    """Final evaluation and its error analysis (the best-F1 score thresholds go into the
+    model's config), the saved model, its report, its export (``--export``) and card, then
     the Hub.
 
     Every process saves the model first: under FSDP or ZeRO-3 saving gathers the sharded
@@ -288,14 +306,24 @@ def _finish(
     trainer, args, data = run.trainer, run.trainer.args, run.data
     final_split = run.eval_transform.apply_to(run.splits[data.eval_split])
     metrics = trainer.evaluate(final_split, metric_key_prefix="eval")
-    trainer.log_metrics(f"eval ({data.eval_split} split)", metrics)
+    if args.verbose:
+        trainer.log_metrics(f"eval ({data.eval_split} split)", metrics)
+    analysis = analyse_errors(trainer.last_evaluator)  # every process: all the detections
+    thresholds = analysis.thresholds
+    store_score_thresholds(
+        trainer.model.config,
+        thresholds.score_threshold,
+        {name: best["score_threshold"] for name, best in thresholds.per_class.items()},
+    )
     trainer.save_model(_internal_call=True)  # the Trainer's flag for "do not push yet"
     output_dir = Path(args.output_dir)
     run.card.final_metrics = metrics
     if trainer.is_world_process_zero():
         summary = {"eval_split": data.eval_split, "class_names": data.class_names, **metrics}
+        summary["thresholds"] = thresholds.to_dict()
         write_text_atomic(output_dir / METRICS_FILE, json.dumps(summary, indent=2) + "\n")
         write_training_report(output_dir, run.splits["validation"])
+        write_error_analysis(analysis, run.splits[data.eval_split], output_dir, data.eval_split)
         export_failure = _export_at_end(run, output_dir, model_args)
         run.card.write(args, trainer.state)  # it lists the exported files
         if export_failure is not None:  # the model, report and card are complete; no upload

@@ -8,6 +8,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The dataset cache is off unless a test passes cache_dir: tests rewrite images in place
+# between loads (which the cache key does not see) and would fill the user's ~/.cache.
+os.environ["HF_DETR_FT_CACHE"] = "off"
 
 import contextlib  # noqa: E402
 import io  # noqa: E402

@@ -35,12 +35,30 @@ TRAIN_FLAGS = {
     "--num_classes": set(),
     "--num_queries": set(),
     "--image_cache_mb": {"0", "1e12"},
+    "--early_stopping_patience": {"1e12"},  # not an int: refused by argparse too
+    "--early_stopping_threshold": {"0", "1e12"},
 }
 OTHER_COMMANDS = {
-    ("predict", "x.jpg", "--model", "m"): {"--threshold": {"0"}, "--batch_size": set()},
-    ("evaluate", "--model", "m", "--dataset_dir", "d"): {"--batch_size": set()},
+    ("predict", "x.jpg", "--model", "m"): {
+        "--threshold": {"0"},
+        "--batch_size": set(),
+        "--tile": set(),  # at least 32
+        "--overlap": {"0"},  # at most 0.9
+        "--tile_nms_iou": {"0"},
+    },
+    ("evaluate", "--model", "m", "--dataset_dir", "d"): {
+        "--batch_size": set(),
+        "--threshold": {"0"},
+        "--iou_threshold": set(),  # 0 is a number but not one of COCO's IoU thresholds
+        "--num_worst": {"0"},
+    },
     ("explain", "x.jpg", "--model", "m"): {"--top_k": set()},
-    ("inspect", "no-such-data"): {"--preview": {"0"}, "--num_classes": set()},
+    ("inspect", "no-such-data"): {
+        "--preview": {"0"},
+        "--num_classes": set(),
+        "--augmented": {"0"},
+        "--seed": {"0"},
+    },
     ("report", "no-such-run"): {"--num_samples": {"0"}},
     ("demo",): {"--seed": {"0"}},
 }

@@ -28,6 +28,9 @@ def test_demo_fine_tunes_and_shows_learning(tmp_path) -> None:
     with Image.open(result.picture) as picture:
         assert picture.format == "PNG" and picture.width > 400
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+    summary = result.summary()  # what `hf-detr-ft demo` prints last
+    assert f"{result.map50_before:.3f} before -> {result.map50_after:.3f} after" in summary
+    assert str(result.picture) in summary and "hf-detr-ft predict" in summary
 
 
 def test_demo_replaces_only_its_own_output(tmp_path) -> None:

@@ -105,6 +105,69 @@ def test_predictions_load_back_with_the_coco_api(evaluated, odd_ids_dir) -> None
     assert len(predictions) == 6 * 10 == len(result.predictions)
 
 
+def _recount(annotation_file: Path, predictions_file: Path, confusion: dict) -> list[list[int]]:
+    """The confusion matrix recomputed from the saved files by its documented rule alone."""
+    truth = json.loads(annotation_file.read_text())
+    found = json.loads(predictions_file.read_text())
+    labels = confusion["labels"]  # class names, then "background"
+    index = {c["id"]: labels.index(c["name"]) for c in truth["categories"] if c["name"] in labels}
+    background = len(labels) - 1
+    matrix = [[0] * len(labels) for _ in labels]
+
+    def iou(a: list[float], b: list[float]) -> float:
+        w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+        h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+        inter = max(w, 0) * max(h, 0)
+        return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+    for image in truth["images"]:
+        boxes = [a for a in truth["annotations"] if a["image_id"] == image["id"]]
+        kept = [
+            p
+            for p in found
+            if p["image_id"] == image["id"] and p["score"] >= confusion["score_threshold"]
+        ]
+        kept.sort(key=lambda p: -p["score"])
+        pairs = [
+            (iou(g["bbox"], p["bbox"]), i, j)
+            for i, g in enumerate(boxes)
+            for j, p in enumerate(kept)
+            if iou(g["bbox"], p["bbox"]) >= confusion["iou_threshold"]
+        ]
+        used_g, used_p = set(), set()
+        for _, i, j in sorted(pairs, key=lambda pair: -pair[0]):
+            if i not in used_g and j not in used_p:
+                used_g.add(i)
+                used_p.add(j)
+                matrix[index[boxes[i]["category_id"]]][index[kept[j]["category_id"]]] += 1
+        for i in set(range(len(boxes))) - used_g:
+            matrix[index[boxes[i]["category_id"]]][background] += 1
+        for j in set(range(len(kept))) - used_p:
+            matrix[background][index[kept[j]["category_id"]]] += 1
+    return matrix
+
+
+def test_error_analysis_files_agree_with_a_recount_from_the_saved_predictions(
+    evaluated, odd_ids_dir
+) -> None:
+    result, out = evaluated
+    confusion = json.loads((out / "confusion_matrix_test.json").read_text())
+    assert confusion["labels"] == [*CLASSES, "background"] and confusion["iou_threshold"] == 0.5
+    # The default threshold is the best-F1 one, also in evaluation_test.json.
+    saved = json.loads((out / "evaluation_test.json").read_text())
+    assert confusion["score_threshold"] == saved["thresholds"]["score_threshold"] is not None
+    assert saved["thresholds"]["per_class"].keys() == set(CLASSES)
+    annotations = odd_ids_dir / "test" / "_annotations.coco.json"
+    recount = _recount(annotations, out / "predictions_test.json", confusion)
+    assert confusion["matrix"] == recount
+    boxes = sum(map(sum, recount[:-1]))
+    assert boxes == result.boxes and sum(recount[-1]) > 0  # every box counted; false ones too
+    curves = json.loads((out / "pr_curves_test.json").read_text())
+    assert len(curves["recall"]) == 101 and curves["precision"].keys() == set(CLASSES)
+    for name in ("confusion_matrix", "pr_curves", "f1_threshold", "worst_images"):
+        assert (out / f"{name}_test.png").stat().st_size > 0, name
+
+
 def test_cli_prints_the_table_and_checks_the_split_and_classes(
     shapes_model_dir, odd_ids_dir, tiny_model_dir, tmp_path, capsys
 ) -> None:

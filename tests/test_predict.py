@@ -98,7 +98,7 @@ def test_bad_inputs_are_clear_errors_and_unreadable_images_are_skipped(
     with caplog.at_level(logging.WARNING):
         found = predict(tiny_model_dir, [broken, good], output_dir=tmp_path / "out")
     assert [p.path for p in found] == [good.resolve()]
-    assert "Skipped 1 unreadable image(s)" in caplog.text and "broken.jpg" in caplog.text
+    assert "Skipped 1 unreadable image:" in caplog.text and "broken.jpg" in caplog.text
 
     capsys.readouterr()
     code = main(["predict", "--model", str(tiny_model_dir), str(tmp_path / "nothing")])

@@ -241,5 +241,5 @@ def test_an_image_that_vanishes_when_resized_is_an_error(tiny_model_dir, tmp_pat
         training_args=_args(tmp_path),
     )
     [error] = [e for e in report.errors if "vanish" in e]
-    assert "2 image(s) vanish" in error and "strip.png" in error and "2000x4" in error
+    assert "2 images vanish" in error and "strip.png" in error and "2000x4" in error
     assert "64x0" in error

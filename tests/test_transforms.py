@@ -24,8 +24,9 @@ from hf_detr_ft.data.image_files import IMAGE_ERRORS, decode_for_resize
 from hf_detr_ft.data.synthetic import make_shapes_dataset
 from hf_detr_ft.errors import DatasetError
 from hf_detr_ft.models.loading import load_image_processor
+from hf_detr_ft.pipeline.augmentation import default_augmentation
 from hf_detr_ft.pipeline.collate import collate_fn
-from hf_detr_ft.pipeline.transforms import DetrTransform, train_augmentation, train_scales
+from hf_detr_ft.pipeline.transforms import DetrTransform, train_scales
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_train_transform_keeps_boxes_valid(bccd_train, processor) -> None:
 
 
 def test_boxes_filtered_once_at_the_end_as_after_every_augmentation(bccd_train) -> None:
-    ours = train_augmentation()
+    ours = default_augmentation()
     params = {**ours.processors["bboxes"].params.to_dict_private(), "check_each_transform": True}
     params.pop("__class_fullname__", None)
     each = A.Compose(ours.transforms, bbox_params=A.BboxParams(**params))

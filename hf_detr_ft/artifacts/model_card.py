@@ -26,10 +26,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import CONFIG_NAME
 
 from ..arguments import effective_batch_size
 from ..data.dataset_report import REPORT_JSON, split_stats
 from ..evaluation.coco_metrics import SUMMARY_METRICS
+from ..models.thresholds import SCORE_THRESHOLD
+from ..wording import plural
+from .error_report import CONFUSION_PLOT, PR_PLOT
 from .onnx_export import EXPORT_DIR, exported_files
 from .onnx_usage import CHECK_FILE
 from .output_files import write_text_atomic
@@ -41,6 +45,8 @@ CARD_FILE = "README.md"
 EXAMPLE_IMAGE = "example.jpg"
 TAGS = ["object-detection", "detr", "vision", "hf-detr-ft"]
 PLACEHOLDER_REPO_ID = "your-username/your-model"
+#: Pictures of the final evaluation's error analysis shown in the card, by their alt text.
+ANALYSIS_PLOTS = {"Confusion matrix": CONFUSION_PLOT, "Precision-recall per class": PR_PLOT}
 
 METRIC_NAMES = {
     "map": "mAP@[.5:.95]",
@@ -94,6 +100,15 @@ Per class (AP@[.5:.95], AR@100):
 |---|---|---|
 {% for name, ap, ar in class_rows -%}
 | {{ name }} | {{ ap }} | {{ ar }} |
+{% endfor %}
+{%- if score_threshold is not none %}
+Score threshold: **{{ score_threshold }}**, the one of best F1 (mean over classes) on this
+split, saved in `config.json` as `score_threshold` (each class's own in
+`score_threshold_per_class`): pass `threshold=detector.model.config.score_threshold` to the
+pipeline, or `--threshold auto` to `hf-detr-ft predict`.
+{% endif %}
+{%- for title, picture in analysis_plots %}
+![{{ title }}]({{ picture }})
 {% endfor %}
 {%- else -%}
 Not evaluated yet.
@@ -278,6 +293,12 @@ def build_model_card(
             )
             for name in context.class_names
         ],
+        score_threshold=_score_threshold(output_dir) if final else None,
+        analysis_plots=[
+            (title, name.format(split=metrics_split))
+            for title, name in ANALYSIS_PLOTS.items()
+            if final and (output_dir / name.format(split=metrics_split)).is_file()
+        ],
         has_sample_predictions=(output_dir / SAMPLES_PLOT).is_file(),
         sample_predictions=SAMPLES_PLOT,
         split_rows=[
@@ -442,6 +463,15 @@ def _onnx_check_text(folder: Path) -> str:
         return ""
 
 
+def _score_threshold(output_dir: Path) -> str | None:
+    """The best-F1 score threshold saved in the model's config, formatted; None without one."""
+    try:
+        value = json.loads((output_dir / CONFIG_NAME).read_text()).get(SCORE_THRESHOLD)
+    except (OSError, ValueError):
+        return None
+    return None if value is None else f"{value:.3f}"
+
+
 def _base_model_text(base_model: str | None) -> str:
     hub_id = hub_model_id_or_none(base_model)
     if hub_id:
@@ -455,7 +485,7 @@ def _dataset_text(context: CardContext, summary: Mapping[str, dict]) -> str:
         name = f"[{context.dataset_name}](https://huggingface.co/datasets/{context.dataset_name})"
     else:
         name = f"the dataset `{Path(context.dataset_dir or 'custom').name}`"
-    return f"{name} ({images} images)" if images else name
+    return f"{name} ({plural(images, 'image')})" if images else name
 
 
 def _metrics_source(metrics: Mapping[str, Any], final: bool) -> str:
@@ -487,13 +517,28 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def training_hyperparameters(
-    args: TrainingArguments, *, image_size: int, max_image_size: int
+    args: TrainingArguments,
+    *,
+    image_size: int,
+    max_image_size: int,
+    augmentation: str | None = None,
 ) -> dict[str, Any]:
-    """The settings a reader needs to reproduce the run, in the order the card lists them."""
+    """The settings a reader needs to reproduce the run, in the order the card lists them;
+    ``augmentation``: the preset or file and its transforms
+    (:func:`~hf_detr_ft.pipeline.augmentation.describe_augmentation`)."""
     total_batch = effective_batch_size(args)
     length = {"max_steps": args.max_steps} if args.max_steps > 0 else {}
     ema_decay = getattr(args, "ema_decay", 0.0)
     average = {"ema_decay": ema_decay, "ema_tau": args.ema_tau} if ema_decay else {}
+    patience = getattr(args, "early_stopping_patience", None)
+    stopping = (
+        {
+            "early_stopping": f"patience {patience}, threshold "
+            f"{args.early_stopping_threshold:g} on {args.metric_for_best_model}"
+        }
+        if patience
+        else {}
+    )
     return {
         "learning_rate": args.learning_rate,
         "lr_backbone": getattr(args, "lr_backbone", args.learning_rate),
@@ -505,6 +550,7 @@ def training_hyperparameters(
         "warmup_steps": args.warmup_steps,
         "num_train_epochs": args.num_train_epochs,
         **length,
+        **stopping,
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "total_train_batch_size": total_batch,
@@ -512,4 +558,5 @@ def training_hyperparameters(
         "seed": args.seed,
         "image_size (shortest edge)": image_size,
         "max_image_size (longest edge)": max_image_size,
+        **({"augmentation": augmentation} if augmentation else {}),
     }

@@ -22,6 +22,8 @@ from torchvision.ops import box_convert
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
+from ..wording import plural
+
 _LABEL_FONT = font_manager.findfont("DejaVu Sans")
 
 
@@ -53,7 +55,9 @@ def draw_boxes(
 
     Labels are white text on a box of the class colour, in matplotlib's DejaVu Sans sized to
     the image, so they stay readable on any background and at any resolution (torchvision's
-    default bitmap font is a few pixels high).
+    default bitmap font is a few pixels high), but no taller than a third of the median box
+    side, so that many small objects in a large image (tiled inference) are not buried under
+    their labels.
     """
     pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
     if not boxes.labels:
@@ -63,6 +67,8 @@ def draw_boxes(
     if boxes.scores is not None:
         captions = [f"{c} {s:.2f}" for c, s in zip(captions, boxes.scores)]
     longest_edge = max(pixels.shape[-2:])
+    sides = (boxes.xyxy[:, 2:] - boxes.xyxy[:, :2]).min(dim=1).values
+    font_size = min(longest_edge / 40, float(sides.median()) / 3)
     drawn = draw_bounding_boxes(
         pixels,
         boxes.xyxy,
@@ -70,7 +76,7 @@ def draw_boxes(
         colors=[colors[label] for label in boxes.labels],
         width=max(1, round(longest_edge / 250)),
         font=_LABEL_FONT,
-        font_size=max(8, round(longest_edge / 40)),
+        font_size=max(8, round(font_size)),
         label_colors="white",
         fill_labels=True,
     )
@@ -95,7 +101,7 @@ def save_comparison_grid(
             (axes[row, 1], predicted, "prediction"),
         ):
             ax.imshow(draw_boxes(image, boxes, class_names))
-            ax.set_title(f"{name} ({len(boxes.labels)} boxes)")
+            ax.set_title(f"{name} ({plural(len(boxes.labels), 'box')})")
             ax.axis("off")
     if title:
         fig.suptitle(title)

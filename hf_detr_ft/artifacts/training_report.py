@@ -8,6 +8,10 @@ demand (``hf-detr-ft report OUTPUT_DIR``) from the ``trainer_state.json`` a run 
     training_map.png         mAP, mAP@50, mAP@75 of each evaluation
     sample_predictions.png   validation images: ground truth left, predictions right
 
+A training run also writes the error analysis of its final evaluation beside them
+(:mod:`.error_report`: confusion matrix, PR and F1 curves, worst images); ``report`` does not
+redo it, as it needs a new evaluation.
+
 The curves come from the Trainer's ``log_history``: training entries carry DETR's loss terms
 averaged over the logging interval (see :mod:`hf_detr_ft.training.trainer`), evaluation entries the
 same terms with an ``eval_`` prefix and the COCO metrics.

@@ -24,15 +24,21 @@ Split names are ``train``, ``validation`` and ``test``. When the folder has no v
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
 
 from ..errors import DatasetError
-from .formats import read_annotations
-from .records import LabelMap, SkipReport, build_label_map, to_records
+from ..wording import plural
+from .cache import Contents, SplitWriter, cache_key, cache_root, cached_build
+from .formats import read_annotations, resolve_format
+from .layouts import SplitFiles, find_splits
+from .records import CocoFile, LabelMap, SkipReport, build_label_map, to_records
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +94,93 @@ def load_detection_dataset(
     validation_fraction: float = 0.1,
     seed: int = 42,
     strict: bool = False,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> DetectionDataset:
     """Read a dataset folder or Hub dataset (format detected or forced) and check all of it.
 
     ``num_classes``, when given, must equal the number of classes in the annotations; a
     mismatch is an error that names both numbers and the classes found. ``strict`` turns every
-    dropped image or box into an error. See docs/datasets.md for the formats and the checks.
+    dropped image or box into an error. A COCO folder's checked splits are built once into
+    the dataset cache (``cache_dir``; ``cache=False`` reads the folder every time; see
+    :mod:`.cache`) and memory-mapped afterwards. See docs/datasets.md for the formats, the
+    checks and the cache.
     """
     source = Path(dataset_dir).expanduser()
-    dataset_format, layout, coco_files = read_annotations(dataset_dir, dataset_format, layout)
+    dataset_format = resolve_format(dataset_dir, dataset_format, layout)
     root = source.resolve() if dataset_format != "hf" or source.is_dir() else Path(dataset_dir)
+    read: list[str] = []  # the layout, once the folder has been read (not on a cache hit)
+
+    def build(write: SplitWriter) -> Contents:
+        _, found, coco_files = read_annotations(dataset_dir, dataset_format, layout)
+        read.append(found)
+        return _read_splits(coco_files, root, num_classes, strict, write)
+
+    entry, found_layout, split_files = _cache_entry(
+        source, dataset_format, layout, strict, cache, cache_dir
+    )
+    if entry is None:
+        label_map, splits, skipped = build(_in_memory)
+    else:
+        label_map, splits, skipped = cached_build(entry, build)
+        _check_num_classes(label_map, num_classes, root)
+        if not read:  # a hit: say what the build found, as reading the folder would have
+            read.append(found_layout)
+            for files in split_files:
+                skipped[files.split].log(files.annotation_file)
+    read_layout = read[0]
+    if "validation" not in splits and validation_fraction:
+        splits.update(split_off_validation(splits["train"], validation_fraction, seed))
+
+    ordered = DatasetDict({name: splits[name] for name in SPLIT_ORDER if name in splits})
+    summary = ", ".join(f"{name}: {plural(len(ds), 'image')}" for name, ds in ordered.items())
+    logger.info(
+        "Loaded %s (%s, %s layout): %s; classes %s",
+        root,
+        dataset_format,
+        read_layout,
+        summary,
+        label_map.names,
+    )
+    return DetectionDataset(ordered, label_map, read_layout, root, skipped, dataset_format)
+
+
+def _read_splits(
+    coco_files: list[CocoFile],
+    root: Path,
+    num_classes: int | None,
+    strict: bool,
+    write: SplitWriter,
+) -> Contents:
+    """Check every split and hand its records to ``write`` (in memory, or the cache's files)."""
     label_map = build_label_map(coco_files)
+    _check_num_classes(label_map, num_classes, root)
+    features = detection_features(label_map.names)
+    splits, skipped = {}, {}
+    while coco_files:  # popped: a split's parsed JSON is freed before its records are written
+        coco = coco_files.pop(0)
+        files = coco.files
+        records, skipped[files.split] = to_records(coco, label_map, strict=strict)
+        del coco
+        if not records:
+            raise DatasetError(
+                f"The {files.split} split ({files.annotation_file}) has no usable images: "
+                f"all were dropped ({dict(skipped[files.split].counts)})."
+            )
+        splits[files.split] = write(files.split, _drain(records), features)
+    if "train" not in splits:
+        raise DatasetError(f"No training split in {root} (found: {sorted(splits)}).")
+    return label_map, splits, skipped
+
+
+def _drain(records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The records in order, each let go once written: a large split is never held twice."""
+    records.reverse()
+    while records:
+        yield records.pop()
+
+
+def _check_num_classes(label_map: LabelMap, num_classes: int | None, root: Path) -> None:
     if num_classes is not None and num_classes != len(label_map.names):
         raise DatasetError(
             f"num_classes={num_classes}, but the annotations in {root} define "
@@ -106,33 +188,51 @@ def load_detection_dataset(
             f"num_classes={len(label_map.names)} or fix the category list."
         )
 
-    features = detection_features(label_map.names)
-    splits, skipped = {}, {}
-    for coco in coco_files:
-        split = coco.files.split
-        records, skipped[split] = to_records(coco, label_map, strict=strict)
-        if not records:
-            raise DatasetError(
-                f"The {split} split ({coco.files.annotation_file}) has no usable images: "
-                f"all were dropped ({dict(skipped[split].counts)})."
-            )
-        splits[split] = Dataset.from_list(records, features=features)
-    if "train" not in splits:
-        raise DatasetError(f"No training split in {root} (found: {sorted(splits)}).")
-    if "validation" not in splits and validation_fraction:
-        splits.update(split_off_validation(splits["train"], validation_fraction, seed))
 
-    ordered = DatasetDict({name: splits[name] for name in SPLIT_ORDER if name in splits})
-    summary = ", ".join(f"{name}: {len(ds)} images" for name, ds in ordered.items())
-    logger.info(
-        "Loaded %s (%s, %s layout): %s; classes %s",
-        root,
-        dataset_format,
-        layout,
-        summary,
-        label_map.names,
+def _in_memory(split: str, records: Iterable[dict[str, Any]], features: Features) -> Dataset:
+    return Dataset.from_list(list(records), features=features)
+
+
+def _cache_entry(
+    source: Path,
+    dataset_format: str,
+    layout: str,
+    strict: bool,
+    cache: bool,
+    cache_dir: str | Path | None,
+) -> tuple[Path | None, str, list[SplitFiles]]:
+    """The cache entry of a COCO folder (``None``: not cached), its layout and split files.
+
+    Only COCO folders are cached: their few annotation files make a cheap key, and COCO is
+    the format of the datasets large enough to need it (a ``datasets`` folder is Arrow
+    already; VOC and YOLO keep one file per image).
+    """
+    folder = cache_root(cache_dir) if cache else None
+    if folder is None or dataset_format != "coco" or not _usable_cache(folder):
+        return None, layout, []
+    found_layout, split_files = find_splits(source, layout)
+    key = cache_key(split_files, layout=found_layout, strict=strict)
+    return folder / key, found_layout, split_files
+
+
+def _usable_cache(folder: Path) -> bool:
+    """Whether the cache folder exists or can be made, and is writable; if not, the run reads
+    the dataset folder as without a cache, and says so (a read-only home is no reason to stop)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+    else:
+        if os.access(folder, os.W_OK | os.X_OK):
+            return True
+        reason = "not writable"
+    logger.warning(
+        "The dataset cache folder %s cannot be used (%s): reading the dataset without the "
+        "cache. Set --dataset_cache_dir or HF_DETR_FT_CACHE to a writable folder to keep it.",
+        folder,
+        reason,
     )
-    return DetectionDataset(ordered, label_map, layout, root, skipped, dataset_format)
+    return False
 
 
 def split_off_validation(train: Dataset, fraction: float, seed: int) -> dict[str, Dataset]:
@@ -145,7 +245,8 @@ def split_off_validation(train: Dataset, fraction: float, seed: int) -> dict[str
     if not 0 < fraction < 1:
         raise DatasetError(f"validation_fraction must be between 0 and 1, got {fraction}.")
     size = min(max(1, round(len(train) * fraction)), len(train) - 1)
-    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
+    # keep_in_memory: only the index mapping (a cached split's files are never written to)
+    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True, keep_in_memory=True)
     logger.warning(
         "No validation split found: using %d of %d training images (seed %d) for validation.",
         size,

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
-from datasets import Image as ImageFeature
 
+from ..wording import plural
 from .dataset import DetectionDataset
 from .records import WARNING, Problem
 
@@ -42,21 +45,38 @@ def split_stats(split: Dataset, class_names: list[str], *, count_crowd: bool = T
 
     ``count_crowd=False`` leaves out crowd boxes, which DETR's targets drop (pre-flight counts
     what training learns from; the report and the model card count what the dataset holds).
+    Counted on the Arrow columns at once (no Python object per box: COCO has 860k boxes).
     """
-    boxes_per_class, images_per_class, without = Counter(), Counter(), 0
-    for objects in split.select_columns(["objects"])["objects"]:
-        crowd = objects.get("iscrowd") or [0] * len(objects["category"])
-        kept = [c for c, is_crowd in zip(objects["category"], crowd) if count_crowd or not is_crowd]
-        boxes_per_class.update(kept)
-        images_per_class.update(set(kept))
-        without += not kept
+    objects = arrow_columns(split, ["objects"]).column("objects").combine_chunks()
+    categories = pc.struct_field(objects, "category")
+    labels = pc.list_flatten(categories).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = pc.list_parent_indices(categories).to_numpy(zero_copy_only=False)
+    if not count_crowd and objects.type.get_field_index("iscrowd") >= 0:
+        crowd = pc.list_flatten(pc.struct_field(objects, "iscrowd"))
+        kept = ~crowd.to_numpy(zero_copy_only=False).astype(bool)
+        labels, rows = labels[kept], rows[kept]
+    count = len(class_names)
+    boxes_per_class = np.bincount(labels, minlength=count)
+    images_per_class = np.bincount(_distinct(rows * count + labels) % count, minlength=count)
     return SplitStats(
         images=len(split),
-        boxes=sum(boxes_per_class.values()),
-        images_without_boxes=without,
-        boxes_per_class={name: boxes_per_class[i] for i, name in enumerate(class_names)},
-        images_per_class={name: images_per_class[i] for i, name in enumerate(class_names)},
+        boxes=int(len(labels)),
+        images_without_boxes=int((np.bincount(rows, minlength=len(split)) == 0).sum()),
+        boxes_per_class={name: int(boxes_per_class[i]) for i, name in enumerate(class_names)},
+        images_per_class={name: int(images_per_class[i]) for i, name in enumerate(class_names)},
     )
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, by sorting (``np.unique`` hashes them: seconds at 10^6 values)."""
+    ordered = np.sort(values)
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
+
+
+def arrow_columns(split: Dataset, columns: list[str]) -> pa.Table:
+    """``columns`` of ``split``'s rows (after any ``select`` or split) as one Arrow table,
+    read from the memory-mapped files without a Python object per row."""
+    return split.select_columns(columns).with_format("arrow")[:]
 
 
 @dataclass
@@ -89,7 +109,8 @@ class DatasetReport:
         for name in self.class_names:
             rows.append((f"  {name}", *(str(self.splits[n].boxes_per_class[name]) for n in names)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"Dataset {self.source} ({self.format}, {len(self.class_names)} classes)"]
+        classes = plural(len(self.class_names), "class")
+        lines = [f"Dataset {self.source} ({self.format}, {classes})"]
         for row in rows:
             cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
             lines.append("  ".join(cells).rstrip())
@@ -134,8 +155,8 @@ def build_report(data: DetectionDataset) -> DatasetReport:
     splits, files = {}, {}
     for split, dataset in data.splits.items():
         splits[split] = split_stats(dataset, names)
-        images = dataset.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
-        files[split] = {row["image"]["path"] for row in images if row["image"]["path"]}
+        paths = pc.struct_field(arrow_columns(dataset, ["image"]).column("image"), "path")
+        files[split] = set(paths.drop_null().to_pylist()) - {""}
 
     report = DatasetReport(str(data.root), data.format, data.layout, names, splits)
     report.problems = {split: list(r.problems) for split, r in data.skipped.items()}

@@ -3,11 +3,15 @@
 ``hf-detr-ft inspect DATASET --preview N`` writes N images, spread over the splits, with their
 boxes and class names (drawn by :func:`visualize.draw_boxes`), and a bar chart of the boxes
 per class and split, so mislabelled classes or misplaced boxes show before an hour of training.
+``--augmented N`` draws N training images as the training's augmentation leaves them
+(:func:`save_augmented_samples`), so an augmentation that cuts objects off or hides them
+shows too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from .dataset_report import DatasetReport
 
 PREVIEW_FOLDER = "preview"
 CHART_FILE = "boxes_per_class.png"
+AUGMENTED_FILE = "augmented_samples.png"
 
 
 def write_preview(data: DetectionDataset, output_dir: str | Path, count: int) -> list[Path]:
@@ -53,5 +58,28 @@ def save_class_chart(report: DatasetReport, path: str | Path) -> Path:
     ax.set_ylabel("boxes")
     ax.set_title(f"Boxes per class: {report.source}")
     ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_augmented_samples(
+    samples: Sequence[tuple[np.ndarray, dict[str, list], str]],
+    class_names: list[str],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """A grid of ``(pixels, objects, caption)`` samples with their boxes: training images as
+    the augmentation leaves them (:func:`hf_detr_ft.pipeline.augmentation.augmented_samples`),
+    before the model's resizing."""
+    columns = min(4, len(samples))
+    rows = math.ceil(len(samples) / columns)
+    fig, axes = subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (pixels, objects, caption) in zip(axes.flat, samples):
+        boxes = Boxes.from_coco(objects["bbox"], objects["category"])
+        ax.imshow(draw_boxes(Image.fromarray(pixels), boxes, class_names))
+        ax.set_title(f"{caption} ({len(boxes.labels)} boxes)", fontsize=9)
+    fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)

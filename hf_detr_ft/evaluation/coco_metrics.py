@@ -94,6 +94,10 @@ class CocoEvaluator:
         self.ground_truth = ground_truth
         self.class_names = [c["name"] for c in ground_truth.dataset["categories"]]
         self.detections: dict[int, np.ndarray] = {}
+        #: ``COCOeval.eval`` of the last :meth:`compute` (``params``, ``precision``, ``recall``,
+        #: ``scores``; None without detections or ground truth), for ``evaluation.error_analysis``
+        #: (the arrays only: COCOeval's per-image records can be large).
+        self.accumulation: dict[str, Any] | None = None
 
     @classmethod
     def from_dataset(cls, dataset: Dataset) -> CocoEvaluator:
@@ -154,6 +158,7 @@ class CocoEvaluator:
 
     def _evaluate(self) -> dict[str, float]:
         results = self.results()
+        self.accumulation = None
         if not results or not self.ground_truth.getAnnIds():
             return self._empty_metrics()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -163,6 +168,7 @@ class CocoEvaluator:
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
+        self.accumulation = coco_eval.eval
         metrics = dict(zip(SUMMARY_METRICS, map(float, coco_eval.stats)))
         metrics.update(self._per_class(coco_eval))
         return metrics

@@ -24,6 +24,10 @@ and scores drawn (:func:`hf_detr_ft.artifacts.pictures.draw_boxes`, one colour p
 
 ``annotations`` is a COCO results list (``COCO.loadRes`` takes it), and ``COCO(path)`` reads
 the whole file.
+
+Video files (by extension, :data:`~.video.VIDEO_EXTENSIONS`) go to
+:func:`~.video.predict_video`; with ``tile`` images and frames are also run in overlapping
+tiles (:mod:`.tiling`), both through the same detection path as images.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..artifacts.output_files import claim_files
+from ..artifacts.output_files import claim_files, write_text_atomic
 from ..artifacts.pictures import Boxes, draw_boxes
 from ..data.formats.voc import IMAGE_EXTENSIONS
 from ..data.image_files import (
@@ -55,9 +59,13 @@ from ..data.image_files import (
 )
 from ..errors import InputError
 from ..models.loading import load_detector
+from ..models.thresholds import saved_score_threshold
 from ..pipeline.transforms import DetrTransform, channels_last_view
-from .detect import PreparedBatch, detect_prepared, prepare_batch
+from ..wording import plural
+from .detect import PreparedBatch, prepare_batch
 from .onnx_runtime import is_onnx_model, load_onnx_detector
+from .tiling import Tiling, detect_images
+from .video import VideoPrediction, check_video, is_video, predict_video
 
 logger = logging.getLogger(__name__)
 
@@ -155,41 +163,70 @@ def read_pixels(
 def predict(
     model: str | Path,
     inputs: str | Path | Iterable[str | Path],
-    threshold: float = 0.5,
+    threshold: float | str = 0.5,
     output_dir: str | Path | None = None,
     batch_size: int = 8,
     *,
     device: str | torch.device | None = None,
-) -> list[ImagePrediction]:
-    """Detect objects in images, folders and globs with a fine-tuned model (folder or Hub id,
-    or an exported ``.onnx`` file, run by ONNX Runtime on the CPU).
+    tile: int | None = None,
+    overlap: float = 0.2,
+    tile_nms_iou: float = 0.5,
+) -> list[ImagePrediction | VideoPrediction]:
+    """Detect objects in images, folders and globs, and in video files, with a fine-tuned
+    model (folder or Hub id, or an exported ``.onnx`` file, run by ONNX Runtime on the CPU).
 
-    Keeps detections scoring at least ``threshold``. With ``output_dir``, writes a picture per
-    image and ``predictions.json`` (see the module docstring). Unreadable images are skipped
-    with a warning that counts and names them.
+    Keeps detections scoring at least ``threshold`` (``"auto"``: the best-F1 threshold saved
+    with the model, :mod:`~hf_detr_ft.models.thresholds`). With ``output_dir``, writes a picture per
+    image and ``predictions.json`` (see the module docstring), and per video an annotated
+    video and a JSON of each frame's detections (:mod:`.video`). Unreadable images are skipped
+    with a warning that counts and names them; an unreadable video is an error. With ``tile``
+    (pixels), images and frames are also run in tiles of that side overlapping by ``overlap``
+    (a fraction), detections merged at ``tile_nms_iou`` (:mod:`.tiling`). Results come back
+    in the order of the inputs: :class:`ImagePrediction` for images, :class:`VideoPrediction`
+    for videos.
     """
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be between 0 and 1, got {threshold}.")
+    if threshold != "auto" and not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be 'auto' or between 0 and 1, got {threshold}.")
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    tiling = Tiling(tile, overlap, tile_nms_iou) if tile is not None else None
     files = find_images(inputs)
+    videos = [path for path in files if is_video(path)]
+    for video in videos:  # before the model is loaded
+        check_video(video)
+    images = [path for path in files if not is_video(path)]
     detector, processor = (
         load_onnx_detector(model) if is_onnx_model(model) else load_detector(model, device=device)
     )
+    if threshold == "auto":  # the best-F1 one of the model's final evaluation
+        threshold = saved_score_threshold(detector.config, model)
+        logger.info("Score threshold %.3f: the best-F1 one saved with %s.", threshold, model)
     class_names = [detector.config.id2label[i] for i in range(len(detector.config.id2label))]
     out = Path(output_dir) if output_dir is not None else None
     pictures = _picture_names(files) if out is not None else {}
     if out is not None:  # never over the inputs, or any file hf-detr-ft did not write
-        claim_files(out, [PREDICTIONS_FILE, *pictures.values()])
-    found: dict[Path, ImagePrediction] = {}
+        written = [PREDICTIONS_FILE] if images else []
+        for path in files:
+            written += _video_outputs(pictures[path]) if is_video(path) else [pictures[path]]
+        claim_files(out, written)
+    found: dict[Path, ImagePrediction | VideoPrediction] = {}
     unreadable: list[str] = []
-    batches = _batches(_by_aspect_ratio(files), batch_size)
+    batches = _batches(_by_aspect_ratio(images), batch_size)
     read = _read_ahead if detector.device.type != "cpu" else _read_in_turn
-    for batch in read(batches, processor, with_pictures=out is not None):
+    full_pixels = out is not None or tiling is not None  # tiles are cut from every pixel
+    for batch in read(batches, processor, with_pictures=full_pixels):
         unreadable += batch.unreadable
         if not batch.paths:
             continue
-        detections = detect_prepared(detector, processor, batch.prepared, threshold=threshold)
+        detections = detect_images(
+            detector,
+            processor,
+            batch.prepared,
+            batch.pictures,
+            tiling,
+            threshold=threshold,
+            batch_size=batch_size,
+        )
         for path, (width, height), pixels, detected in zip(
             batch.paths, batch.sizes, batch.pictures, detections
         ):
@@ -197,18 +234,31 @@ def predict(
                 detected["boxes"].cpu(), detected["labels"].tolist(), detected["scores"].tolist()
             )
             prediction = found[path] = ImagePrediction(path, width, height, boxes)
-            if pixels is not None:
+            if out is not None:
                 prediction.picture = out / pictures[path]
                 Image.fromarray(draw_boxes(pixels, boxes, class_names)).save(prediction.picture)
+    for video in videos:
+        outputs = tuple(out / name for name in _video_outputs(pictures[video])) if out else None
+        found[video] = predict_video(
+            detector,
+            processor,
+            video,
+            class_names,
+            threshold=threshold,
+            batch_size=batch_size,
+            tiling=tiling,
+            outputs=outputs,
+        )
     predictions = [found[path] for path in files if path in found]  # in the order given
     if unreadable:
         logger.warning(
-            "Skipped %d unreadable image(s): %s", len(unreadable), "; ".join(unreadable[:5])
+            "Skipped %s: %s", plural(len(unreadable), "unreadable image"), "; ".join(unreadable[:5])
         )
-    if out is not None:
-        coco = predictions_to_coco(predictions, class_names)
-        (out / PREDICTIONS_FILE).write_text(json.dumps(coco, indent=1) + "\n")
-        logger.info("Wrote %d pictures and %s to %s", len(predictions), PREDICTIONS_FILE, out)
+    if out is not None and images:
+        pictured = [p for p in predictions if isinstance(p, ImagePrediction)]
+        coco = predictions_to_coco(pictured, class_names)
+        write_text_atomic(out / PREDICTIONS_FILE, json.dumps(coco, indent=1) + "\n")
+        logger.info("Wrote %d pictures and %s to %s", len(pictured), PREDICTIONS_FILE, out)
     return predictions
 
 
@@ -328,15 +378,21 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 def _picture_names(files: Sequence[Path]) -> dict[Path, str]:
-    """Each input's picture name: its own name (JPEG and PNG kept, anything else as PNG), made
-    unique in the folder in the order the inputs were given."""
+    """Each input's picture name: its own name (JPEG and PNG kept, anything else as PNG; a
+    video's stem, see :func:`_video_outputs`), made unique in the folder in the order the
+    inputs were given."""
     used: set[str] = set()
     names = {}
     for path in files:
-        suffix = _PICTURE_SUFFIXES.get(path.suffix.lower(), ".png")
+        suffix = "" if is_video(path) else _PICTURE_SUFFIXES.get(path.suffix.lower(), ".png")
         name, n = f"{path.stem}{suffix}", 1
         while name in used:
             name, n = f"{path.stem}_{n}{suffix}", n + 1
         used.add(name)
         names[path] = name
     return names
+
+
+def _video_outputs(name: str) -> list[str]:
+    """The annotated video's and the detections JSON's names for a video named ``name``."""
+    return [f"{name}_detections.mp4", f"{name}_detections.json"]

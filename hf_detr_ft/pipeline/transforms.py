@@ -3,8 +3,9 @@
 :class:`DetrTransform` is given to ``datasets.Dataset.with_transform``: it runs lazily on each
 batch that the data loader reads, so nothing is precomputed or cached on disk. Per image:
 
-1. (training only) albumentations, bbox-aware: horizontal flip, a crop that keeps every box
-   (``BBoxSafeRandomCrop``) and brightness/contrast jitter;
+1. (training only) albumentations, bbox-aware: by default a horizontal flip, a crop that keeps
+   every box (``BBoxSafeRandomCrop``) and brightness/contrast jitter; ``--augmentation`` picks
+   another preset or a saved pipeline (:mod:`.augmentation`);
 2. the model's own image processor resizes by its size rule (DETR-style: shortest edge
    ``image_size``, longest at most ``max_image_size``; RT-DETR-style: a fixed square), in
    training at a size drawn by :func:`train_sizes` (the family's multi-scale jitter),
@@ -38,7 +39,6 @@ import functools
 import logging
 import math
 import os
-import random
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,34 +65,13 @@ from transformers.image_utils import SizeDict, get_image_size_for_max_height_wid
 from ..data.image_files import IMAGE_ERRORS, decode_for_resize
 from ..errors import DatasetError
 from ..models.families import resizes_with_antialias
+from .augmentation import augment, build_augmentation, example_rng
 from .image_cache import DecodedImageCache, default_cache_mb, image_key
 
 logger = logging.getLogger(__name__)
 
 #: DETR's multi-scale training draws the shortest edge from 60 % to 100 % of the eval size.
 DEFAULT_MIN_SCALE = 0.6
-
-
-def train_augmentation() -> A.Compose:
-    """The bbox-aware augmentation applied to training images (never to evaluation images).
-
-    Boxes are clipped and filtered once, at the end (``check_each_transform=False``; measured
-    in benchmarks/README.md): the flip and the box-safe crop keep every box and the
-    brightness moves none, so filtering after each of them finds nothing more."""
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=0.5),
-            A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
-        ],
-        bbox_params=A.BboxParams(
-            format="coco",
-            label_fields=["category", "iscrowd"],
-            clip=True,
-            min_area=1.0,
-            check_each_transform=False,
-        ),
-    )
 
 
 def train_scales(image_size: int, min_scale: float = DEFAULT_MIN_SCALE) -> list[int]:
@@ -141,7 +120,7 @@ class DetrTransform:
         self,
         image_processor: DetrImageProcessor,
         *,
-        augmentation: A.Compose | None = None,
+        augmentation: A.BaseCompose | None = None,
         scales: Sequence[Mapping[str, int] | int] | None = None,
         seed: int = 0,
         image_cache: DecodedImageCache | None = None,
@@ -167,8 +146,10 @@ class DetrTransform:
         *,
         max_scale: float = 1.0,
         size_multiple: int = 1,
+        augmentation: str = "default",
     ) -> DetrTransform:
-        """The training transform: augmentation, then sizes drawn by :func:`train_sizes`
+        """The training transform: ``augmentation`` (a preset or a file, see
+        :func:`~.augmentation.build_augmentation`), then sizes drawn by :func:`train_sizes`
         (``min_scale`` to ``max_scale`` of the processor's size, each side a multiple of
         ``size_multiple``); decoded images are kept between epochs up to ``image_cache_mb``
         (``None``: :func:`~pipeline.image_cache.default_cache_mb`; 0: none).
@@ -177,7 +158,7 @@ class DetrTransform:
         budget = default_cache_mb() if image_cache_mb is None else image_cache_mb
         return cls(
             image_processor,
-            augmentation=train_augmentation(),
+            augmentation=build_augmentation(augmentation),
             scales=train_sizes(dict(image_processor.size), min_scale, max_scale, size_multiple),
             seed=seed,
             image_cache=DecodedImageCache(budget) if budget > 0 else None,
@@ -271,20 +252,18 @@ class DetrTransform:
     ) -> Any:
         """Augment (if training) and process one RGB image with its objects; ``full_size``
         ``(width, height)``: the size the boxes refer to, when ``image`` was decoded smaller."""
-        boxes, categories, crowd = objects["bbox"], objects["category"], objects["iscrowd"]
-        areas = objects["area"]
         height, width = image.shape[:2]
         full_width, full_height = full_size or (width, height)
         if (full_width, full_height) != (width, height):
-            boxes, areas = _scaled(boxes, areas, width / full_width, height / full_height)
-        # str seeds are hashed with SHA-512: the same in every process, whatever PYTHONHASHSEED.
-        rng = random.Random(f"{self.seed}-{self.epoch}-{image_id}")
+            scaled, areas = _scaled(
+                objects["bbox"], objects["area"], width / full_width, height / full_height
+            )
+            objects = {**objects, "bbox": scaled, "area": areas}
+        rng = example_rng(self.seed, self.epoch, image_id)
         if self.augmentation is not None:
-            self.augmentation.set_random_seed(rng.getrandbits(32))
-            out = self.augmentation(image=image, bboxes=boxes, category=categories, iscrowd=crowd)
-            image, boxes = out["image"], out["bboxes"]
-            categories, crowd = out["category"], out["iscrowd"]
-            areas = [float(w * h) for _, _, w, h in boxes]
+            image, objects = augment(self.augmentation, rng, image, objects)
+        boxes, categories, crowd = objects["bbox"], objects["category"], objects["iscrowd"]
+        areas = objects["area"]
         scale = rng.choice(self.scales) if self.scales else None
         pixels = resize_for_model(self.image_processor, channels_last_view(image), scale)
         options: dict[str, Any] = {"do_resize": False}

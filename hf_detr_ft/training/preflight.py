@@ -31,15 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from transformers import PretrainedConfig, TrainingArguments
 
 from ..arguments import DataArguments, apply_family_recipe, effective_batch_size
-from ..data.dataset_report import SplitStats, split_stats
+from ..data.dataset_report import SplitStats, arrow_columns, split_stats
 from ..errors import PreflightError
 from ..models.families import family_of
 from ..pipeline.transforms import DEFAULT_MIN_SCALE, resized_size
+from ..wording import plural
 
 PREFLIGHT_REPORT = "preflight_report"
 
@@ -68,7 +71,7 @@ class PreflightReport:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_text(self) -> str:
-        counts = f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        counts = f"{plural(len(self.errors), 'error')}, {plural(len(self.warnings), 'warning')}"
         lines = [f"hf-detr-ft pre-flight checks: {counts}"]
         lines += [f"  {name:<18} {text}" for name, text in self.summary.items()]
         lines += [f"ERROR: {text}" for text in self.errors]
@@ -183,12 +186,12 @@ class _SplitScan:
     max_boxes: int = 0
     max_boxes_row: int = 0
     images_by_box_count: Counter = field(default_factory=Counter)  # boxes per image -> images
-    box_sides: list[float] = field(default_factory=list)  # shorter side after resizing
+    box_sides: np.ndarray = field(default_factory=lambda: np.zeros(0))  # shorter side, resized
     #: Rows of images that resizing makes less than a pixel high or wide, with that size.
     vanishing: list[tuple[int, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
 
     def tiny(self) -> int:
-        return sum(side < TINY_OBJECT_PIXELS for side in self.box_sides)
+        return int((self.box_sides < TINY_OBJECT_PIXELS).sum())
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -196,29 +199,40 @@ class _SplitScan:
             "boxes": self.boxes,
             "max_boxes_per_image": self.max_boxes,
             "tiny_boxes": self.tiny(),
-            "smallest_box_side_px": round(min(self.box_sides), 2) if self.box_sides else None,
+            "smallest_box_side_px": round(float(self.box_sides.min()), 2)
+            if len(self.box_sides)
+            else None,
         }
 
 
 def _scan(split: Dataset, size_rule: Mapping[str, int]) -> _SplitScan:
-    scan = _SplitScan()
-    rows = split.select_columns(["width", "height", "objects"])
-    for row_index, row in enumerate(rows):
-        objects = row["objects"]
-        # DETR's processor drops crowd boxes from the targets, so they take no query.
-        kept = [box for box, crowd in zip(objects["bbox"], objects["iscrowd"]) if not crowd]
-        height, width = row["height"], row["width"]
-        new_width, new_height = resized_size(size_rule, (width, height))  # as the processor
-        if min(new_width, new_height) < 1:
-            scan.vanishing.append((row_index, (width, height), (new_width, new_height)))
-        scale_x, scale_y = new_width / width, new_height / height
-        scan.images += 1
-        scan.boxes += len(kept)
-        if len(kept) > scan.max_boxes:
-            scan.max_boxes, scan.max_boxes_row = len(kept), row_index
-        scan.images_by_box_count[len(kept)] += 1
-        for _, _, box_width, box_height in kept:
-            scan.box_sides.append(min(box_width * scale_x, box_height * scale_y))
+    """Counted on the Arrow columns at once: COCO-scale splits have ~10^6 boxes."""
+    table = arrow_columns(split, ["width", "height", "objects"])
+    sizes = np.stack([table[name].to_numpy() for name in ("width", "height")], axis=1)
+    objects = table.column("objects").combine_chunks()
+    bbox = pc.struct_field(objects, "bbox")
+    rows = pc.list_parent_indices(bbox).to_numpy(zero_copy_only=False)
+    boxes = pc.list_flatten(pc.list_flatten(bbox)).to_numpy(zero_copy_only=False).reshape(-1, 4)
+    crowd = pc.list_flatten(pc.struct_field(objects, "iscrowd"))
+    # DETR's processor drops crowd boxes from the targets, so they take no query.
+    kept = ~crowd.to_numpy(zero_copy_only=False).astype(bool)
+    rows, boxes = rows[kept], boxes[kept]
+    # resized as the processor does, once per distinct image size
+    distinct, inverse = np.unique(sizes, axis=0, return_inverse=True)
+    resized = np.array(
+        [resized_size(size_rule, (int(w), int(h))) for w, h in distinct], dtype=np.int64
+    ).reshape(-1, 2)[inverse.reshape(-1)]
+    counts = np.bincount(rows, minlength=len(sizes))
+    scan = _SplitScan(images=len(sizes), boxes=int(len(rows)))
+    if len(counts):
+        scan.max_boxes, scan.max_boxes_row = int(counts.max()), int(counts.argmax())
+    scan.images_by_box_count.update(Counter(counts.tolist()))
+    for row in np.flatnonzero(resized.min(axis=1) < 1):
+        scan.vanishing.append(
+            (int(row), tuple(map(int, sizes[row])), tuple(map(int, resized[row])))
+        )
+    scale = resized / sizes
+    scan.box_sides = np.minimum(boxes[:, 2] * scale[rows, 0], boxes[:, 3] * scale[rows, 1])
     return scan
 
 
@@ -259,7 +273,8 @@ def _check_queries(
             worst = _image_name(splits[split_name], split_scan.max_boxes_row)
             crowded.append(
                 f"the {split_name} image {worst} has {split_scan.max_boxes} objects "
-                f"({over} {split_name} image(s) have more than {num_queries})"
+                f"({plural(over, f'{split_name} image')} {'has' if over == 1 else 'have'} more "
+                f"than {num_queries})"
             )
     if crowded:
         report.errors.append(
@@ -284,7 +299,8 @@ def _check_image_shapes(
         return
     name, (row, (width, height), (new_width, new_height)) = found[0]
     report.errors.append(
-        f"{len(found)} image(s) vanish when resized, e.g. the {name} image "
+        f"{plural(len(found), 'image')} {'vanishes' if len(found) == 1 else 'vanish'} when "
+        f"resized, e.g. the {name} image "
         f"{_image_name(splits[name], row)}: {width}x{height} pixels becomes "
         f"{new_width}x{new_height}. Remove such strips from the dataset, or raise "
         f"--max_image_size so that their short side stays at least a pixel."
@@ -298,7 +314,7 @@ def _check_object_sizes(
     max_image_size: int,
     min_scale: float,
 ) -> None:
-    sides = sorted(side for scan in scans.values() for side in scan.box_sides)
+    sides = np.sort(np.concatenate([scan.box_sides for scan in scans.values()]))
     tiny = {name: scan.tiny() for name, scan in scans.items()}
     total_tiny = sum(tiny.values())
     per_split = ", ".join(f"{name} {count}" for name, count in tiny.items())
@@ -307,8 +323,8 @@ def _check_object_sizes(
         f"{image_size} / max_image_size {max_image_size} ({per_split})"
     )
     report.stats["tiny_boxes"] = {"total": total_tiny, "boxes": len(sides), **tiny}
-    visible = [side for side in sides if side > 0]  # 0: an image that vanishes (an error)
-    if not total_tiny or not visible:
+    visible = sides[sides > 0]  # 0: an image that vanishes (an error)
+    if not total_tiny or not len(visible):
         return
     # Scale so that all but the smallest 1 % of the boxes (all of them if fewer are tiny)
     # reach the threshold; scaling both sizes by f scales every resized image by f.
@@ -339,7 +355,9 @@ def _check_classes(report: PreflightReport, classes: dict[str, SplitStats]) -> N
         "largest_class": largest,
         "smallest_to_largest": round(ratio, 4),
     }
-    counts = ", ".join(f"{name} {boxes[name]} boxes / {images[name]} images" for name in boxes)
+    counts = ", ".join(
+        f"{name} {plural(boxes[name], 'box')} / {plural(images[name], 'image')}" for name in boxes
+    )
     report.summary["classes (train)"] = f"{counts}; smallest/largest {ratio:.3f}"
 
     absent = [name for name, count in boxes.items() if not count]
@@ -388,7 +406,7 @@ def _check_batch_and_learning_rates(report: PreflightReport, args: TrainingArgum
     }
     report.summary["batch and lr"] = (
         f"effective batch {batch} ({args.per_device_train_batch_size} per device x "
-        f"{args.world_size} process(es) x {args.gradient_accumulation_steps} accumulation); "
+        f"{plural(args.world_size, 'process')} x {args.gradient_accumulation_steps} accumulation); "
         f"learning_rate {lr:g}, lr_backbone {lr_backbone:g} (DETR: {DETR_LEARNING_RATE:g} / "
         f"{DETR_LR_BACKBONE:g} at batch {DETR_BATCH_SIZE})"
     )

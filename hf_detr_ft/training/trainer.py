@@ -77,6 +77,7 @@ from ..models.mixed_precision import keep_heads_in_fp32
 from ..models.speedups import apply_speedups
 from ..pipeline.sampler import AspectRatioGroupedSampler, AspectRatioSortedSampler
 from .checkpoints import discard_checkpoint, random_state_kept
+from .console import use_console
 from .ema import (
     UpdateAverageCallback,
     WeightAverage,
@@ -236,8 +237,12 @@ class DetrTrainer(Trainer):
             apply_family_recipe(self.args, family_of(self.model.config))
             apply_speedups(self.model, channels_last=getattr(self.args, "channels_last", True))
             keep_heads_in_fp32(self.model)  # however autocast is turned on: flags, accelerate
+        use_console(self, verbose=getattr(self.args, "verbose", False))
         self._weight_average = self._create_weight_average()
         self._evaluator: CocoEvaluator | None = None
+        #: The evaluator of the last evaluation (its detections and pycocotools accumulation),
+        #: for the error analysis after the final one (``run._finish``, ``evaluate``).
+        self.last_evaluator: CocoEvaluator | None = None
         self._eval_loss_terms: dict[str, float] = defaultdict(float)
         self._train_signals: dict[str, float] = defaultdict(float)
         self._parameter_count: tuple[nn.Module, int] | None = None  # the model, its count
@@ -451,7 +456,7 @@ class DetrTrainer(Trainer):
                 **self._evaluator.compute(),
             }
         finally:
-            self._evaluator = None
+            self.last_evaluator, self._evaluator = self._evaluator, None
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
         return output
 

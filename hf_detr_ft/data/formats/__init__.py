@@ -51,6 +51,16 @@ def detect_format(source: str | Path) -> str:
     )
 
 
+def resolve_format(source: str | Path, dataset_format: str = "auto", layout: str = "auto") -> str:
+    """The format ``source`` is read as: ``dataset_format``, or detected for ``auto``
+    (a forced COCO ``layout`` implies COCO)."""
+    if dataset_format not in FORMATS:
+        raise DatasetError(f"Unknown dataset format {dataset_format!r}; expected one of {FORMATS}.")
+    if dataset_format == "auto":
+        return "coco" if layout != "auto" else detect_format(source)
+    return dataset_format
+
+
 def read_annotations(
     source: str | Path, dataset_format: str = "auto", layout: str = "auto"
 ) -> tuple[str, str, list[CocoFile]]:
@@ -58,10 +68,7 @@ def read_annotations(
 
     ``layout`` (``roboflow`` or ``coco``) applies to COCO folders; forcing one implies COCO.
     """
-    if dataset_format not in FORMATS:
-        raise DatasetError(f"Unknown dataset format {dataset_format!r}; expected one of {FORMATS}.")
-    if dataset_format == "auto":
-        dataset_format = "coco" if layout != "auto" else detect_format(source)
+    dataset_format = resolve_format(source, dataset_format, layout)
     if dataset_format == "hf":
         return "hf", "hf", read_hf_dataset(source)
     root = Path(source).expanduser()
