@@ -30,6 +30,7 @@ def _commands(model: Path, data: Path, image: Path, run: Path) -> dict[str, list
         "inspect": ["inspect", str(data), "--output_dir", "{out}"],
         "convert": ["convert", str(data), "{out}/converted"],
         "demo": ["demo", "--output_dir", "{out}"],
+        "export": ["export", str(model), "--output_dir", "{out}"],
     }  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def commands(tiny_model_dir, shapes_dir) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize(
-    "name", ["train", "predict", "evaluate", "explain", "inspect", "convert", "demo"]
+    "name", ["train", "predict", "evaluate", "explain", "inspect", "convert", "demo", "export"]
 )
 @pytest.mark.parametrize("case", ["parent is a file", "a file, not a folder"])
 def test_an_output_path_that_cannot_be_a_folder(commands, name, case, tmp_path, capsys) -> None:
@@ -66,7 +67,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("name", ["inspect", "predict", "convert"])
+@pytest.mark.parametrize("name", ["inspect", "predict", "convert", "export"])
 def test_a_full_disk_is_one_line(commands, name, tmp_path) -> None:
     argv = [part.replace("{out}", str(tmp_path / "out")) for part in commands[name]]
     if name == "inspect":

@@ -360,6 +360,8 @@ def _export_graph(
                     dynamo=False,
                 )
             break
+        except OSError:  # a full disk or an unwritable folder: the machine's fault, not the model's
+            raise
         except Exception as err:
             op = _unsupported_op(err)
             needed = OPSET_NEEDED.get(op or "")
