@@ -360,16 +360,18 @@ def predict(argv: list[str]) -> int:
     parser.add_argument(
         "--overlap",
         type=_bounded(float, 0.0, 0.9),
-        default=0.2,
         help="with --tile: overlap of neighbouring tiles, a fraction of SIZE (default 0.2)",
     )
     parser.add_argument(
         "--tile_nms_iou",
         type=SCORE,
-        default=0.5,
         help="with --tile: IoU above which boxes of one class are merged (default 0.5)",
     )
     args = parser.parse_args(argv)
+    tiling = {"overlap": args.overlap, "tile_nms_iou": args.tile_nms_iou}
+    if args.tile is None and (given := [f"--{k}" for k, v in tiling.items() if v is not None]):
+        parser.error(f"{' and '.join(given)} {'need' if given[1:] else 'needs'} --tile SIZE")
+    tiling = {k: v for k, v in tiling.items() if v is not None}  # else predict's defaults
 
     from .inference.predict import PREDICTIONS_FILE
     from .inference.predict import predict as predict_images
@@ -383,8 +385,7 @@ def predict(argv: list[str]) -> int:
         batch_size=args.batch_size,
         device="cpu" if args.cpu else None,
         tile=args.tile,
-        overlap=args.overlap,
-        tile_nms_iou=args.tile_nms_iou,
+        **tiling,
     )
     videos = [p for p in found if isinstance(p, VideoPrediction)]
     frames = [frame for video in videos for frame in video.frames]

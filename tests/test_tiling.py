@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
 
+from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.data.synthetic import render_shapes_image
 from hf_detr_ft.demo import DEMO_CHECKPOINT
 from hf_detr_ft.errors import ArgumentError
@@ -92,6 +93,15 @@ def test_bad_tiling_values_are_refused_before_any_model_is_loaded(tmp_path) -> N
             Tiling(*values)
     with pytest.raises(ArgumentError, match="tile must be at least 32"):
         predict(tmp_path / "no-such-model", tmp_path / "no-such.jpg", tile=8)
+
+
+def test_tiling_flags_without_tile_are_refused(tmp_path, capsys) -> None:
+    # --overlap alone would be silently ignored: one line says it needs --tile.
+    argv = ["predict", str(tmp_path / "a.jpg"), "--model", str(tmp_path), "--overlap", "0.3"]
+    with pytest.raises(SystemExit) as stop:
+        cli_main(argv)
+    assert stop.value.code == 2
+    assert "--overlap needs --tile SIZE" in capsys.readouterr().err
 
 
 def _recall(found, truth: torch.Tensor, truth_labels: torch.Tensor) -> float:
