@@ -44,6 +44,18 @@ BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bcc
 TINY_IMAGE_SIZE = 64
 
 
+#: One training step, nothing evaluated or saved in between: a run folder, quickly.
+ONE_STEP = dict(
+    max_steps=1,
+    image_size=64,
+    max_image_size=64,
+    eval_strategy="no",
+    save_strategy="no",
+    load_best_model_at_end=False,
+    report_to="none",
+)
+
+
 def two_process_launch(port: int, *program: str) -> list[str]:
     """``accelerate launch`` of ``program`` (a script and its arguments, or ``-m module ...``)
     on two CPU processes (gloo), without mixed precision or dynamo; each test its own port."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ONE_STEP
 
 from hf_detr_ft.data.cache import CACHE_ENV, META_FILE, cache_root
 from hf_detr_ft.data.dataset import load_detection_dataset
@@ -256,17 +257,7 @@ def test_finetune_builds_the_cache_and_writes_the_same_report_from_it(
     from hf_detr_ft import finetune
 
     cache_dir = tmp_path / "cache"
-    one_step = dict(
-        model=tiny_model_dir,
-        max_steps=1,
-        image_size=64,
-        max_image_size=64,
-        eval_strategy="no",
-        save_strategy="no",
-        load_best_model_at_end=False,
-        report_to="none",
-        dataset_cache_dir=str(cache_dir),
-    )
+    one_step = dict(ONE_STEP, model=tiny_model_dir, dataset_cache_dir=str(cache_dir))
     finetune(folder, output_dir=tmp_path / "first", **one_step)
     finetune(folder, output_dir=tmp_path / "second", **one_step)
     (entry,) = _entries(cache_dir)

@@ -7,23 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import ONE_STEP
 
 from hf_detr_ft import finetune, predict
 from hf_detr_ft.artifacts.output_files import MANIFEST, claim_files
 from hf_detr_ft.cli import main as cli_main
 from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.errors import DatasetError, OutputDirError
-
-#: One training step, nothing evaluated or saved in between: a run folder, quickly.
-ONE_STEP = dict(
-    max_steps=1,
-    image_size=64,
-    max_image_size=64,
-    eval_strategy="no",
-    save_strategy="no",
-    load_best_model_at_end=False,
-    report_to="none",
-)
 
 
 def test_new_files_and_our_own_files_may_be_written_others_never(tmp_path: Path) -> None:
