@@ -14,9 +14,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts.pictures import Boxes
 from .artifacts.training_report import SAMPLES_PLOT
+from .data.dataset import load_detection_dataset
 from .data.synthetic import DEMO_CLASSES, make_shapes_dataset
 from .errors import TrainingInterrupted
+from .evaluation.error_analysis import BoxesPerObject, boxes_per_object
+from .inference.detect import detect
+from .models.loading import load_detector
 from .run import METRICS_FILE, FinetuneResult, finetune
 from .training.checkpoints import last_complete_checkpoint
 from .training.console import run_summary
@@ -42,6 +47,7 @@ DEMO_SETTINGS = {
     "report_to": "none",
 }
 DEMO_SPLITS = {"train": 400, "valid": 64}
+_BATCH = 16
 
 
 @dataclass
@@ -54,6 +60,7 @@ class DemoResult:
     picture: Path
     run: FinetuneResult
     data_dir: Path
+    boxes: BoxesPerObject  # on every validation image, at the picture's threshold
 
     def summary(self) -> str:
         """The run's summary block, headed by what the demo shows: mAP before and after."""
@@ -61,6 +68,7 @@ class DemoResult:
             "  fine-tuned a small pretrained detector on synthetic circles, squares, triangles",
             f"  mAP       {self.map_before:.3f} before -> {self.map_after:.3f} after",
             f"  mAP@.5    {self.map50_before:.3f} before -> {self.map50_after:.3f} after",
+            f"  boxes     {_boxes_line(self.boxes)}",
             f"  picture   {self.picture} (ground truth left, predictions right)",
         ]
         return run_summary(
@@ -107,6 +115,29 @@ def run_demo(
         picture=picture,
         run=result,
         data_dir=data_dir,
+        boxes=_count_boxes_per_object(result.output_dir, data_dir),
+    )
+
+
+def _count_boxes_per_object(model_dir: Path, data_dir: Path) -> BoxesPerObject:
+    """Boxes per object over all validation images at the picture's (and ``predict``'s
+    default) score threshold: whether each object gets one clean box."""
+    model, processor = load_detector(model_dir)
+    validation = load_detection_dataset(data_dir).splits["validation"]
+    truth, found = [], []
+    for start in range(0, len(validation), _BATCH):
+        batch = validation.select(range(start, min(start + _BATCH, len(validation))))
+        truth += [Boxes.from_coco(o["bbox"], o["category"]).xyxy for o in batch["objects"]]
+        found += [d["boxes"].cpu() for d in detect(model, processor, list(batch["image"]))]
+    return boxes_per_object(truth, found)
+
+
+def _boxes_line(boxes: BoxesPerObject) -> str:
+    objects = len(boxes.counts)
+    share = boxes.single / objects if objects else 1.0
+    return (
+        f"one box on {boxes.single} of {objects} validation objects ({share:.0%}), "
+        f"{boxes.duplicated} with more, {boxes.missed} missed"
     )
 
 

@@ -366,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--init-backbone", type=Path, help="start from this checkpoint's backbone (same ResNet)"
     )
+    parser.add_argument(
+        "--init-from", type=Path, help="continue training this checkpoint (same family and size)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -378,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = build_model(id2label, args.family, args.num_queries)
     if args.init_backbone:
         copy_backbone(model, args.init_backbone)
+    if args.init_from:
+        model.load_state_dict(
+            AutoModelForObjectDetection.from_pretrained(args.init_from).state_dict()
+        )
     unfreeze_batchnorm(model.model.backbone)
     for p in model.parameters():
         p.requires_grad_(True)

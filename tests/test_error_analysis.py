@@ -16,7 +16,11 @@ from hf_detr_ft.cli import main
 from hf_detr_ft.demo import DEMO_CHECKPOINT
 from hf_detr_ft.errors import ArgumentError
 from hf_detr_ft.evaluation.coco_metrics import CocoEvaluator, coco_index
-from hf_detr_ft.evaluation.error_analysis import analyse_errors, confusion_matrix
+from hf_detr_ft.evaluation.error_analysis import (
+    analyse_errors,
+    boxes_per_object,
+    confusion_matrix,
+)
 from hf_detr_ft.inference.predict import predict
 from hf_detr_ft.models.loading import load_model
 
@@ -214,3 +218,34 @@ def test_predict_auto_needs_a_saved_threshold(tiny_model_dir, shapes_dir, capsys
         predict(tiny_model_dir, image, threshold="auto", device="cpu")
     assert main(["predict", str(image), "--model", str(tiny_model_dir), "--threshold", "auto"]) == 2
     assert "no saved score threshold" in capsys.readouterr().err
+
+
+def test_boxes_per_object_counts_duplicates_and_misses() -> None:
+    """Image 1: two boxes on object A, one too loose on B (IoU 0.25), one on nothing;
+    image 2: one exact box; image 3: an object and no detection; image 4: nothing at all."""
+    truth = [
+        torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]),
+        torch.tensor([[5.0, 5.0, 15.0, 15.0]]),
+        torch.tensor([[1.0, 1.0, 2.0, 2.0]]),
+        torch.zeros((0, 4)),
+    ]
+    detected = [
+        torch.tensor(
+            [[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 10.0, 10.0], [20, 20, 25, 25], [50, 50, 60, 60]]
+        ),
+        torch.tensor([[5.0, 5.0, 15.0, 15.0]]),
+        torch.zeros((0, 4)),
+        torch.tensor([[0.0, 0.0, 4.0, 4.0]]),
+    ]
+    counted = boxes_per_object(truth, detected)
+    assert counted.counts == [2, 0, 1, 0]
+    assert (counted.single, counted.duplicated, counted.missed) == (1, 1, 2)
+    assert counted.at_most_one_share == pytest.approx(3 / 4)
+    # A looser IoU threshold takes the box on B (IoU 0.25) as B's.
+    assert boxes_per_object(truth, detected, iou_threshold=0.2).counts == [2, 1, 1, 0]
+
+
+def test_a_box_between_two_objects_counts_for_the_one_it_overlaps_most() -> None:
+    truth = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [4.0, 0.0, 14.0, 10.0]])]
+    detected = [torch.tensor([[3.0, 0.0, 13.0, 10.0]])]  # IoU 0.54 with the first, 0.82 second
+    assert boxes_per_object(truth, detected).counts == [0, 1]

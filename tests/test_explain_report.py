@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -13,12 +14,15 @@ from PIL import Image
 from hf_detr_ft.artifacts.training_report import (
     LOSSES_PLOT,
     MAP_PLOT,
+    SAMPLES_JSON,
     SAMPLES_PLOT,
     ReportError,
     plot_training_curves,
     read_log_history,
+    save_sample_predictions,
 )
 from hf_detr_ft.cli import main
+from hf_detr_ft.data.dataset import load_detection_dataset
 from hf_detr_ft.inference.explain import attention_maps, explain
 from hf_detr_ft.models.loading import load_detector
 from hf_detr_ft.run import finetune
@@ -56,6 +60,41 @@ def test_training_writes_its_report(run_dir: Path) -> None:
         _assert_png(run_dir / name, (400, 300))
     history = read_log_history(run_dir)
     assert any("loss_giou" in e for e in history) and any("eval_map" in e for e in history)
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area - inter)
+
+
+def test_sample_predictions_json_holds_what_the_picture_draws(run_dir, shapes_dir, tmp_path):
+    """Every drawn box with its score, and boxes per object recountable from them."""
+    assert (run_dir / SAMPLES_JSON).is_file()  # written by training beside the picture
+    model, processor = load_detector(run_dir)
+    validation = load_detection_dataset(shapes_dir).splits["validation"]
+    written = save_sample_predictions(
+        model, processor, validation, tmp_path / SAMPLES_PLOT, count=3, threshold=0.01
+    )
+    assert [p.name for p in written] == [SAMPLES_PLOT, SAMPLES_JSON]
+    drawn = json.loads(written[1].read_text())
+    assert drawn["score_threshold"] == 0.01 and len(drawn["images"]) == 3
+    counts = []
+    for image, objects in zip(drawn["images"], validation["objects"][:3], strict=True):
+        assert len(image["ground_truth"]) == len(objects["bbox"])
+        assert image["predictions"] and all(p["score"] >= 0.01 for p in image["predictions"])
+        per_object = [0] * len(image["ground_truth"])
+        for prediction in image["predictions"]:
+            ious = [_iou(prediction["box"], t["box"]) for t in image["ground_truth"]]
+            if ious and max(ious) >= 0.5:
+                per_object[ious.index(max(ious))] += 1
+        counts += per_object
+    summary = drawn["boxes_per_object"]
+    assert summary["objects"] == len(counts)
+    assert summary["one_box"] == counts.count(1) and summary["missed"] == counts.count(0)
+    assert summary["several_boxes"] == sum(n > 1 for n in counts)
 
 
 def test_report_on_demand_from_an_output_dir(run_dir: Path, shapes_dir, tmp_path, capsys) -> None:

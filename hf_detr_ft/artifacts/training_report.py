@@ -7,6 +7,8 @@ demand (``hf-detr-ft report OUTPUT_DIR``) from the ``trainer_state.json`` a run 
     training_losses.png      loss, loss_ce, loss_bbox, loss_giou: training logs and evaluations
     training_map.png         mAP, mAP@50, mAP@75 of each evaluation
     sample_predictions.png   validation images: ground truth left, predictions right
+    sample_predictions.json  what that picture draws (boxes, scores, the threshold) and how
+                             many boxes land on each object, so the picture can be recounted
 
 A training run also writes the error analysis of its final evaluation beside them
 (:mod:`.error_report`: confusion matrix, PR and F1 curves, worst images); ``report`` does not
@@ -31,10 +33,11 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import CONFIG_NAME
 
 from ..errors import ReportError
+from ..evaluation.error_analysis import boxes_per_object
 from ..inference.detect import detect
 from ..models.loading import check_model_classes, load_detector
 from ..training.checkpoints import TRAINER_STATE_NAME, last_complete_checkpoint
-from .output_files import claim_files
+from .output_files import claim_files, write_text_atomic
 from .pictures import Boxes, save_comparison_grid, save_figure, subplots
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,8 @@ logger = logging.getLogger(__name__)
 LOSSES_PLOT = "training_losses.png"
 MAP_PLOT = "training_map.png"
 SAMPLES_PLOT = "sample_predictions.png"
-TRAINING_REPORT_FILES = (LOSSES_PLOT, MAP_PLOT, SAMPLES_PLOT)
+SAMPLES_JSON = "sample_predictions.json"
+TRAINING_REPORT_FILES = (LOSSES_PLOT, MAP_PLOT, SAMPLES_PLOT, SAMPLES_JSON)
 LOSS_PANELS = {
     "loss": "total loss",
     "loss_ce": "classification (ce)",
@@ -107,8 +111,9 @@ def save_sample_predictions(
     *,
     count: int = 4,
     threshold: float = 0.5,
-) -> Path:
-    """The first ``count`` images of a detection split: ground truth next to predictions."""
+) -> list[Path]:
+    """The first ``count`` images of a detection split: ground truth next to predictions, as
+    a picture at ``path`` and as JSON beside it (:data:`SAMPLES_JSON`)."""
     class_names = dataset.features["objects"]["category"].feature.names
     check_model_classes(model.config, class_names, "of this run", "the dataset given")
     samples = dataset.select(range(min(count, len(dataset))))
@@ -116,7 +121,7 @@ def save_sample_predictions(
     truth = [Boxes.from_coco(o["bbox"], o["category"]) for o in samples["objects"]]
     found = detect(model, image_processor, images, threshold=threshold)
     predicted = [Boxes(d["boxes"].cpu(), d["labels"].tolist(), d["scores"].tolist()) for d in found]
-    return save_comparison_grid(
+    picture = save_comparison_grid(
         images,
         truth,
         predicted,
@@ -124,6 +129,33 @@ def save_sample_predictions(
         path,
         title=f"validation images (score > {threshold})",
     )
+    drawn = {
+        "score_threshold": threshold,
+        "boxes_per_object": boxes_per_object(
+            [t.xyxy for t in truth], [p.xyxy for p in predicted]
+        ).to_dict(),
+        "images": [
+            {
+                "image_id": image_id,
+                "ground_truth": _boxes_json(true_boxes, class_names),
+                "predictions": _boxes_json(boxes, class_names),
+            }
+            for image_id, true_boxes, boxes in zip(samples["image_id"], truth, predicted)
+        ],
+    }
+    table = Path(path).with_name(SAMPLES_JSON)
+    write_text_atomic(table, json.dumps(drawn, indent=1) + "\n")
+    return [picture, table]
+
+
+def _boxes_json(boxes: Boxes, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Boxes as JSON rows: class name, ``xyxy`` pixels (rounded to 0.1) and score if any."""
+    scores = boxes.scores or [None] * len(boxes.labels)
+    return [
+        {"label": class_names[label], "box": [round(v, 1) for v in xyxy]}
+        | ({"score": round(score, 4)} if score is not None else {})
+        for xyxy, label, score in zip(boxes.xyxy.tolist(), boxes.labels, scores)
+    ]
 
 
 def write_training_report(
@@ -145,7 +177,7 @@ def write_training_report(
     if validation is not None and num_samples > 0:
         if model is None or image_processor is None:
             model, image_processor = load_detector(_saved_model(output_dir))
-        written.append(
+        written.extend(
             save_sample_predictions(
                 model,
                 image_processor,

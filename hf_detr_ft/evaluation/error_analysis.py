@@ -16,6 +16,10 @@ disagree with the mAP:
   highest ``t`` where that F1 is largest; ``None`` where no detection is ever right.
 * **A confusion matrix** (:func:`confusion_matrix`), by the rule documented there, and the
   images with the most errors (:attr:`ConfusionMatrix.errors_per_image`).
+* **Boxes per object** (:func:`boxes_per_object`): how many detections above a threshold land
+  on each ground-truth object. One-to-one matching hides duplicates among the false
+  detections; this count is what a reader of a predictions picture sees: one clean box, a
+  stack of near-duplicates, or nothing.
 """
 
 from __future__ import annotations
@@ -250,6 +254,67 @@ def _match(
             used_truth.add(gi)
             used_predicted.add(pi)
     return pairs
+
+
+@dataclass
+class BoxesPerObject:
+    """Per ground-truth object, the number of detections assigned to it (see
+    :func:`boxes_per_object`)."""
+
+    counts: list[int]
+    iou_threshold: float
+
+    @property
+    def single(self) -> int:
+        """Objects with exactly one box."""
+        return sum(n == 1 for n in self.counts)
+
+    @property
+    def duplicated(self) -> int:
+        """Objects with two boxes or more."""
+        return sum(n > 1 for n in self.counts)
+
+    @property
+    def missed(self) -> int:
+        return sum(n == 0 for n in self.counts)
+
+    @property
+    def at_most_one_share(self) -> float:
+        """Share of objects drawn with at most one box (1.0 without objects)."""
+        return 1.0 - self.duplicated / len(self.counts) if self.counts else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "objects": len(self.counts),
+            "one_box": self.single,
+            "several_boxes": self.duplicated,
+            "missed": self.missed,
+            "iou_threshold": self.iou_threshold,
+            "rule": BOXES_PER_OBJECT_RULE,
+        }
+
+
+BOXES_PER_OBJECT_RULE = (
+    "Each detection (already filtered by the score threshold) is assigned to the ground-truth "
+    "box of its image it overlaps most, whatever the classes, if that IoU is >= iou_threshold; "
+    "an object's count is the number of detections assigned to it (0: missed)."
+)
+
+
+def boxes_per_object(
+    truth: Sequence[torch.Tensor], detected: Sequence[torch.Tensor], iou_threshold: float = 0.5
+) -> BoxesPerObject:
+    """Detections per ground-truth object by :data:`BOXES_PER_OBJECT_RULE`; ``truth`` and
+    ``detected`` hold one (N, 4) ``xyxy`` tensor per image, in the same coordinates."""
+    counts: list[int] = []
+    for true_boxes, boxes in zip(truth, detected, strict=True):
+        per_object = torch.zeros(len(true_boxes), dtype=torch.int64)
+        if len(true_boxes) and len(boxes):
+            iou = box_iou(boxes.double(), true_boxes.double())  # (detections, objects)
+            best_iou, best = iou.max(dim=1)
+            per_object += torch.bincount(best[best_iou >= iou_threshold], minlength=len(true_boxes))
+        counts.extend(per_object.tolist())
+    return BoxesPerObject(counts, iou_threshold)
 
 
 @dataclass
