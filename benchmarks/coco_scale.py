@@ -80,31 +80,47 @@ def generate(root: Path, images: int, eval_images: int = 500, seed: int = 0) -> 
 def load_once(dataset: str, cache_dir: str | None) -> None:
     """What a run does before its first step, minus the model: dataset, report, pre-flight.
 
-    Prints seconds and memory of each part as JSON: ``import_s`` (the package, transformers and
-    torch), ``ready_s`` and ``ready_cpu_s`` (wall and CPU seconds after the imports),
-    ``data_rss_mb`` (resident memory added by the data, report and pre-flight) and
-    ``peak_rss_mb`` (the process's high-water mark).
+    Prints seconds and memory of each part as JSON: ``import_s`` (the data package: datasets,
+    pyarrow, Pillow; not torch), ``load_s`` / ``load_cpu_s`` (wall and CPU seconds of
+    ``load_detection_dataset``: the build on a miss), ``load_peak_rss_mb`` (the process's
+    high-water mark by then: what ``hf-detr-ft inspect`` peaks at), then the report and the
+    pre-flight's scan (``ready_s``, ``ready_cpu_s``: wall and CPU seconds after the imports,
+    the pre-flight's import of transformers and torch excluded), ``data_rss_mb`` (resident
+    memory added by the data, report and pre-flight, that import excluded) and
+    ``peak_rss_mb`` (the high-water mark with torch and transformers imported, as in a
+    training run).
     """
     start = time.perf_counter()
     from hf_detr_ft.data.dataset import load_detection_dataset
     from hf_detr_ft.data.dataset_report import build_report
-    from hf_detr_ft.training.preflight import _scan
 
     imported, before, cpu = time.perf_counter(), _rss_mb(), _cpu_s()
     data = load_detection_dataset(dataset, cache_dir=cache_dir)
-    loaded = time.perf_counter()
+    loaded, load_cpu = time.perf_counter(), _cpu_s()
+    load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = build_report(data)
+    after_report, rss_report, cpu_report = time.perf_counter(), _rss_mb(), _cpu_s()
+    from hf_detr_ft.training.preflight import _scan  # imports transformers and torch
+
+    scan_start, torch_mb, torch_cpu = (
+        time.perf_counter(),
+        _rss_mb() - rss_report,
+        _cpu_s() - cpu_report,
+    )
     for split in data.splits.values():
         _scan(split, {"shortest_edge": 800, "longest_edge": 1333})
     done = time.perf_counter()
+    preflight_import_s = scan_start - after_report
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "import_s": round(imported - start, 1),
         "load_s": round(loaded - imported, 1),
-        "report_and_preflight_s": round(done - loaded, 1),
-        "ready_s": round(done - imported, 1),
-        "ready_cpu_s": round(_cpu_s() - cpu, 1),
-        "data_rss_mb": round(_rss_mb() - before),
+        "load_cpu_s": round(load_cpu - cpu, 1),
+        "load_peak_rss_mb": round(load_peak_mb),
+        "report_and_preflight_s": round(done - loaded - preflight_import_s, 1),
+        "ready_s": round(done - imported - preflight_import_s, 1),
+        "ready_cpu_s": round(_cpu_s() - cpu - torch_cpu, 1),
+        "data_rss_mb": round(_rss_mb() - before - torch_mb),
         "peak_rss_mb": round(peak_mb),
         "images": {name: s.images for name, s in report.splits.items()},
     }

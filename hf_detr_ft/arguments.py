@@ -138,6 +138,22 @@ class DataArguments:
             "aliases": ["--train_val_split"],
         },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training split of a Hub dataset (or a folder of Parquet files) "
+            "instead of reading it whole, for datasets too big for the disk: needs --max_steps "
+            "and step-based evaluation and saving; validation and test are read whole (see "
+            "docs/datasets.md, Streaming)."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={
+            "help": "With --streaming: rows held in memory to shuffle the stream (larger: "
+            "better mixed, more memory; the rows hold encoded images)."
+        },
+    )
     image_size: int | None = field(
         default=None,
         metadata={
@@ -197,6 +213,7 @@ class DataArguments:
             "num_classes",
             "max_train_samples",
             "max_eval_samples",
+            "shuffle_buffer",
         ):
             _check_at_least(name, getattr(self, name), 1, optional=True)
         for name in ("image_size", "max_image_size"):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
@@ -45,6 +45,12 @@ from .artifacts.output_files import claim_files, write_text_atomic
 from .artifacts.training_report import TRAINING_REPORT_FILES, write_training_report
 from .data.dataset import DetectionDataset, load_detection_dataset
 from .data.dataset_report import REPORT_JSON, REPORT_TEXT, DatasetReport, build_report
+from .data.streaming import (
+    StreamingDataset,
+    check_streaming_run,
+    load_streaming_dataset,
+    transformed_stream,
+)
 from .errors import DatasetError, ExportError, TrainingInterrupted
 from .evaluation.error_analysis import analyse_errors
 from .models.families import family_of
@@ -118,6 +124,8 @@ def run_training(
     ``callbacks`` are added to the Trainer's own (e.g. early stopping, custom logging).
     """
     set_seed(training_args.seed)
+    if data_args.streaming:  # refused before the output folder or any data is touched
+        check_streaming_run(data_args.dataset_dir, data_args.dataset_format, training_args)
     main_process = training_args.process_index == 0
     with OutputDirLock(training_args.output_dir) if main_process else contextlib.nullcontext():
         data, report = _load_data(data_args, training_args)
@@ -150,7 +158,19 @@ class _Run:
 def _load_data(
     data_args: DataArguments, training_args: DetrTrainingArguments
 ) -> tuple[DetectionDataset, DatasetReport]:
-    """The dataset, checked, and its report (logged here, written once the run may start)."""
+    """The dataset, checked, and its report (logged here, written once the run may start);
+    with ``streaming``, the training split is a stream and the report covers the others."""
+    if data_args.streaming:
+        data = load_streaming_dataset(
+            data_args.dataset_dir,
+            data_args.num_classes,
+            seed=training_args.seed,
+            shuffle_buffer=data_args.shuffle_buffer,
+            strict=data_args.strict,
+        )
+        report = build_report(data)
+        logger.info("Dataset report (evaluation splits):\n%s", report.table())
+        return data, report
     data = load_detection_dataset(
         data_args.dataset_dir,
         data_args.num_classes,
@@ -201,8 +221,9 @@ def _build(
     size = dict(image_processor.size)  # in force: for the pre-flight report and the card
     data_args.image_size = size.get("shortest_edge") or size["height"]
     data_args.max_image_size = size.get("longest_edge") or size["width"]
+    train = _training_split(data, data_args.max_train_samples)
     splits = {
-        "train": _first(data.splits["train"], data_args.max_train_samples),
+        **({"train": train} if isinstance(train, Dataset) else {}),  # a stream is not read ahead
         "validation": _first(data.splits["validation"], data_args.max_eval_samples),
         data.eval_split: _first(data.splits[data.eval_split], data_args.max_eval_samples),
     }
@@ -222,7 +243,7 @@ def _build(
     trainer = DetrTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_transform.apply_to(splits["train"]),
+        train_dataset=_transformed(train, train_transform, training_args),
         eval_dataset=eval_transform.apply_to(splits["validation"]),
         processing_class=image_processor,
         data_collator=collate_fn,
@@ -272,7 +293,9 @@ def _run_record(data: DetectionDataset, model_args: ModelArguments) -> dict[str,
     return {
         "model": str(model_args.model_name_or_path),
         "class_names": data.class_names,
-        "data": training_data_fingerprint(data.splits["train"], data.class_names),
+        "data": data.fingerprint
+        if isinstance(data, StreamingDataset)
+        else training_data_fingerprint(data.splits["train"], data.class_names),
     }
 
 
@@ -403,6 +426,22 @@ def _field_names(cls: type) -> set[str]:
 
 def _first(dataset: Dataset, limit: int | None) -> Dataset:
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def _training_split(data: DetectionDataset, limit: int | None) -> Dataset | IterableDataset:
+    """The training images the run reads: the first ``limit`` (of a stream: as they come)."""
+    if isinstance(data, StreamingDataset):
+        return data.train_stream.take(limit) if limit else data.train_stream
+    return _first(data.splits["train"], limit)
+
+
+def _transformed(
+    train: Dataset | IterableDataset, transform: DetrTransform, args: DetrTrainingArguments
+) -> Dataset | IterableDataset:
+    """``train`` through the training transform, a batch of the data loader's size at a time."""
+    if isinstance(train, IterableDataset):
+        return transformed_stream(train, transform, args.per_device_train_batch_size)
+    return transform.apply_to(train)
 
 
 def _checkpoint_to_resume(args: DetrTrainingArguments, record: dict[str, Any]) -> str | None:

@@ -32,6 +32,7 @@ TRAIN_FLAGS = {
     "--ema_tau": {"1e12"},
     "--max_train_samples": set(),
     "--max_eval_samples": set(),
+    "--shuffle_buffer": set(),
     "--num_classes": set(),
     "--num_queries": set(),
     "--image_cache_mb": {"0", "1e12"},

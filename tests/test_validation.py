@@ -21,6 +21,7 @@ from hf_detr_ft.data.image_files import (
     _inspect_path,
     inspect_all,
     inspect_image,
+    on_every_core,
 )
 from hf_detr_ft.errors import DatasetError
 
@@ -96,13 +97,21 @@ def test_unreadable_and_truncated_images_are_dropped_and_counted(tmp_path: Path)
         _load(tmp_path, strict=True)
 
 
-def test_inspect_all_caches_every_file_and_leaves_errors_to_inspect_image(tmp_path) -> None:
+def test_on_every_core_keeps_the_order_across_chunks() -> None:
+    items = list(range(1000))  # several chunks of 256, done on several threads
+    assert on_every_core(lambda item: item * 2, items, "doubling") == [i * 2 for i in items]
+    assert on_every_core(str, [], "nothing") == []
+
+
+def test_inspect_all_returns_and_caches_every_file_and_its_error(tmp_path) -> None:
     good = [tmp_path / f"{i}.jpg" for i in range(5)]
     for i, path in enumerate(good):
         _rgb(path, size=(40 + i, 30))
     bad = tmp_path / "garbage.jpg"
     bad.write_bytes(b"this is not an image")
-    inspect_all([*good, bad, good[0]])
+    found = inspect_all([*good, bad, good[0]])  # in order: each file's info, or its error
+    assert [info.size for info in found[:5]] == [(40 + i, 30) for i in range(5)]
+    assert isinstance(found[5], IMAGE_ERRORS) and found[6] == found[0]
     before = _inspect_path.cache_info().hits
     assert [inspect_image(path).size for path in good] == [(40 + i, 30) for i in range(5)]
     assert _inspect_path.cache_info().hits == before + len(good)  # none read a second time

@@ -10,6 +10,7 @@ Modules, in the order data passes through them:
     records        COCO content -> checked annotation records + label map + problems
     dataset        records -> ``DetectionDataset`` (a ``datasets.DatasetDict`` per split)
     cache          a COCO folder's checked splits built once as Arrow files, then memory-mapped
+    streaming      a Hub dataset's training split streamed (``--streaming``), the rest read whole
     dataset_report counts and every problem, as a table and files (``hf-detr-ft inspect``)
     preview        ground-truth pictures and a class chart of a dataset
     synthetic      seeded shape images in Roboflow layout (the demo and the tests)

@@ -43,6 +43,7 @@ import pyarrow as pa
 from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock
+from tqdm.auto import tqdm
 
 from .layouts import SplitFiles
 from .records import LabelMap, Problem, SkipReport
@@ -117,8 +118,11 @@ def _build(entry: Path, build: Callable[[SplitWriter], Contents]) -> None:
     def write_split(split: str, records: Iterable[dict[str, Any]], features: Features) -> Dataset:
         files[split] = f"{split}.arrow"
         path = partial / files[split]
+        progress = tqdm(
+            records, desc=f"Writing the {split} cache", unit="image", delay=2, disable=None
+        )
         with ArrowWriter(features=features, path=str(path)) as writer:
-            for record in records:
+            for record in progress:
                 writer.write(record)
             writer.finalize()
         return Dataset.from_file(str(path))

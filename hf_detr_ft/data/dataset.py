@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from ..wording import plural
 from .cache import Contents, SplitWriter, cache_key, cache_root, cached_build
 from .formats import read_annotations, resolve_format
 from .layouts import SplitFiles, find_splits
-from .records import CocoFile, LabelMap, SkipReport, build_label_map, to_records
+from .records import CocoFile, LabelMap, SkipReport, build_label_map, drain, to_records
 
 logger = logging.getLogger(__name__)
 
@@ -167,17 +167,10 @@ def _read_splits(
                 f"The {files.split} split ({files.annotation_file}) has no usable images: "
                 f"all were dropped ({dict(skipped[files.split].counts)})."
             )
-        splits[files.split] = write(files.split, _drain(records), features)
+        splits[files.split] = write(files.split, drain(records), features)  # freed as written
     if "train" not in splits:
         raise DatasetError(f"No training split in {root} (found: {sorted(splits)}).")
     return label_map, splits, skipped
-
-
-def _drain(records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """The records in order, each let go once written: a large split is never held twice."""
-    records.reverse()
-    while records:
-        yield records.pop()
 
 
 def _check_num_classes(label_map: LabelMap, num_classes: int | None, root: Path) -> None:

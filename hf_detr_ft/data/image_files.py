@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 EXIF_ORIENTATION = 0x0112
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -42,6 +43,7 @@ _MODE_KINDS = {
 }
 # Exceptions Pillow raises for files it cannot decode (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_CHUNK = 256  # images a thread checks per task
 
 
 @dataclass(frozen=True)
@@ -66,24 +68,39 @@ def inspect_image(source: str | Path | bytes) -> ImageInfo:
     return _inspect_path(str(source))
 
 
-def inspect_all(paths: Iterable[str | Path]) -> None:
-    """Inspect many image files at once, one thread per core (Pillow decodes without holding
-    the GIL), so that :func:`inspect_image` then answers each of them from its cache. Errors
-    are not cached: :func:`inspect_image` raises them again for the caller to report."""
-    unique = list(dict.fromkeys(map(str, paths)))
-    workers = min(len(unique), os.cpu_count() or 1)
-    if workers < 2:
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(_inspect_or_none, unique):
-            pass
+def inspect_all(
+    paths: Iterable[str | Path], desc: str = "Checking images"
+) -> list[ImageInfo | Exception]:
+    """Inspect many image files, one thread per core (Pillow decodes without holding the GIL):
+    per path its :class:`ImageInfo`, or the exception (one of IMAGE_ERRORS) that makes it
+    unusable. :func:`inspect_image` then answers each file from its cache."""
+    return on_every_core(inspect_or_error, list(map(str, paths)), desc)
 
 
-def _inspect_or_none(path: str) -> ImageInfo | None:
+def inspect_or_error(source: str | bytes) -> ImageInfo | Exception:
+    """:func:`inspect_image`, with the error returned rather than raised."""
     try:
-        return _inspect_path(path)
-    except IMAGE_ERRORS:
-        return None
+        return inspect_image(source)
+    except IMAGE_ERRORS as err:
+        return err
+
+
+def on_every_core(function: Callable[[Any], Any], items: list[Any], desc: str) -> list[Any]:
+    """``[function(item) for item in items]`` on one thread per core, in order, with a
+    progress bar (shown on a terminal once it has run for two seconds).
+
+    The items go to the threads in chunks: one future per item would cost more memory than
+    the results at 100k+ images.
+    """
+    chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    results: list[Any] = []
+    workers = max(1, min(len(chunks), os.cpu_count() or 1))
+    progress = tqdm(total=len(items), desc=desc, unit="image", delay=2, disable=None)
+    with progress, ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in pool.map(lambda chunk: [function(item) for item in chunk], chunks):
+            results.extend(done)
+            progress.update(len(done))
+    return results
 
 
 @lru_cache(maxsize=65536)

@@ -25,12 +25,22 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..errors import DatasetError
-from .image_files import IMAGE_ERRORS, eight_bit_png, inspect_all, inspect_image, orient_box
+from .image_files import (
+    ImageInfo,
+    eight_bit_png,
+    inspect_or_error,
+    on_every_core,
+    orient_box,
+)
 from .layouts import SplitFiles
 
 logger = logging.getLogger(__name__)
@@ -205,7 +215,11 @@ def build_label_map(coco_files: list[CocoFile]) -> LabelMap:
 def to_records(
     coco: CocoFile, label_map: LabelMap, *, strict: bool = False
 ) -> tuple[list[dict[str, Any]], SkipReport]:
-    """Turn one split's COCO content into annotation records, repairing or dropping bad input."""
+    """Turn one split's COCO content into annotation records, repairing or dropping bad input.
+
+    Consumes ``coco.annotations`` (left empty): each annotation's objects are freed once its
+    box is in a record, so a COCO-scale split is never held twice in memory.
+    """
     path = coco.files.annotation_file
     report = SkipReport(strict=strict)
     if not coco.images:
@@ -216,22 +230,27 @@ def to_records(
     by_file: dict[str, int] = {}
     aliases: dict[int, int] = {}  # image id -> id of the first entry of the same file
     known_images: set[int] = set()
-    # each file looked up once (a stat and a realpath: seconds at 100k images), then checked
-    # on every core
-    resolved = {
-        name: _resolve_image(coco.files, name)
-        for name in dict.fromkeys(
-            str(e.get("file_name")) for e in coco.images if isinstance(e, dict)
+    # each file looked up (a stat and a realpath) and decoded once, on every core
+    names = list(dict.fromkeys(str(e.get("file_name")) for e in coco.images if isinstance(e, dict)))
+    checked = dict(
+        zip(
+            names,
+            on_every_core(
+                partial(_locate_and_inspect, coco.files),
+                names,
+                f"Checking {coco.files.split} images",
+            ),
+            strict=True,
         )
-    }
-    inspect_all(found for found in resolved.values() if found is not None)
+    )
+    del names
     for entry in coco.images:
         image_id = _image_id(entry, path)
         if image_id in known_images:
             _duplicate_id(coco, entry, image_id, records, report)
             continue
         known_images.add(image_id)
-        record = _image_record(coco, entry, image_id, report, resolved)
+        record = _image_record(coco, entry, image_id, report, checked)
         if record is None:
             continue
         image = record.data["image"]
@@ -246,15 +265,25 @@ def to_records(
             continue
         records[image_id] = record
 
+    del checked
     file_names = {e.get("id"): e.get("file_name") for e in coco.images}
-    for ann in coco.annotations:
+    annotations, coco.annotations = coco.annotations, []  # consumed: see the docstring
+    boxes = tqdm(
+        drain(annotations),
+        total=len(annotations),
+        desc=f"Checking {coco.files.split} boxes",
+        unit="box",
+        delay=2,
+        disable=None,
+    )
+    for ann in boxes:
         image_id = ann.get("image_id")
-        file, where = _annotation_source(coco, ann, file_names.get(image_id))
+        # where the annotation is, for its problems: formatted only when there is one
+        source = partial(_annotation_source, coco, ann, file_names)
         if image_id not in known_images:
             report.dropped(
                 "annotations of unknown images dropped",
-                file,
-                where,
+                *source(),
                 f"image_id {image_id!r} is not in the image list",
             )
             continue
@@ -264,12 +293,13 @@ def to_records(
         label = label_map.index(ann.get("category_id"))
         if label is None:
             classes = dict(zip(label_map.source_ids, label_map.names))
+            file, where = source()
             raise DatasetError(
                 f"{file}: {where} has category_id {ann.get('category_id')!r}, which is not a "
                 f"class of this dataset (classes: {classes}). Add the category to the category "
                 "list or remove the annotation."
             )
-        box = _clean_box(ann, record, report, file, where)
+        box = _clean_box(ann, record, report, source)
         if box is None:
             continue
         objects = record.data["objects"]
@@ -284,6 +314,14 @@ def to_records(
 
     report.log(path)
     return [r.data for r in records.values()], report
+
+
+def drain(items: list[Any]) -> Iterator[Any]:
+    """The items of ``items`` in order, each let go once taken (the list ends empty): a large
+    list is never held alongside what is made from it."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 @dataclass
@@ -327,8 +365,9 @@ def _image_source(coco: CocoFile, image_id: int, entry: dict) -> tuple[str, str]
     return coco.image_sources.get(image_id, default)
 
 
-def _annotation_source(coco: CocoFile, ann: dict, file_name: str | None) -> tuple[str, str]:
+def _annotation_source(coco: CocoFile, ann: dict, file_names: dict) -> tuple[str, str]:
     record = f"annotation {ann.get('id')}"
+    file_name = file_names.get(ann.get("image_id"))
     if file_name is not None:
         record += f" of image {ann.get('image_id')} ({file_name})"
     default = (str(coco.files.annotation_file), record)
@@ -340,10 +379,10 @@ def _image_record(
     entry: dict,
     image_id: int,
     report: SkipReport,
-    resolved: dict[str, Path | None],
+    checked: dict[str, tuple[str | None, ImageInfo | Exception | None]],
 ) -> _Record | None:
-    """Check an image entry against its file (``resolved``: file name -> path found);
-    ``None`` (counted) when it cannot be used."""
+    """Check an image entry against its file (``checked``: file name -> path found and what
+    :func:`_locate_and_inspect` found in it); ``None`` (counted) when it cannot be used."""
     file, where = _image_source(coco, image_id, entry)
     embedded = coco.embedded_images.get(image_id)
     if embedded is not None:
@@ -351,17 +390,16 @@ def _image_record(
         path = None if embedded["bytes"] else embedded["path"]
         image: Any = {"bytes": embedded["bytes"], "path": path}
         source: str | bytes = embedded["bytes"] or embedded["path"]
+        info = inspect_or_error(source)
     else:
-        found = resolved[str(entry["file_name"])]
+        found, info = checked[str(entry["file_name"])]
         if found is None:
             missing = coco.files.image_dir / str(entry["file_name"])
             report.dropped("images with a missing file dropped", file, where, f"{missing}")
             return None
-        image = source = str(found)
-    try:
-        info = inspect_image(source)
-    except IMAGE_ERRORS as err:
-        report.dropped("unreadable images dropped", file, where, f"{err}")
+        image = source = found
+    if isinstance(info, Exception):
+        report.dropped("unreadable images dropped", file, where, f"{info}")
         return None
     if info.mode_kind:
         report.fixed(f"{info.mode_kind} images converted to RGB", file, where, f"mode {info.mode}")
@@ -409,6 +447,14 @@ def _size(size: tuple[Any, Any]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def _locate_and_inspect(
+    files: SplitFiles, file_name: str
+) -> tuple[str | None, ImageInfo | Exception | None]:
+    """The path of an image file (``None``: not found) and its :func:`inspect_or_error`."""
+    found = _resolve_image(files, file_name)
+    return (None, None) if found is None else (str(found), inspect_or_error(str(found)))
+
+
 def _resolve_image(files: SplitFiles, file_name: str) -> Path | None:
     """Find an image whether its file name is relative to the image folder or the dataset root."""
     for base in (files.image_dir, files.annotation_file.parent.parent, files.image_dir.parent):
@@ -419,17 +465,21 @@ def _resolve_image(files: SplitFiles, file_name: str) -> Path | None:
 
 
 def _clean_box(
-    ann: dict, record: _Record, report: SkipReport, file: str, where: str
+    ann: dict, record: _Record, report: SkipReport, source: Callable[[], tuple[str, str]]
 ) -> list[float] | None:
-    """Orient and clip a COCO ``[x, y, w, h]`` box; ``None`` (counted) when nothing is left."""
+    """Orient and clip a COCO ``[x, y, w, h]`` box; ``None`` (counted) when nothing is left.
+
+    ``source()`` names the file and record of the annotation (called only for a problem).
+    """
     bbox = ann.get("bbox")
     try:
-        x, y, w, h = (float(v) for v in bbox)
+        x, y, w, h = map(float, bbox)
     except (TypeError, ValueError):
-        report.dropped("annotations without a valid bbox dropped", file, where, f"bbox {bbox!r}")
+        report.dropped("annotations without a valid bbox dropped", *source(), f"bbox {bbox!r}")
         return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        report.dropped("boxes with zero, negative or NaN size dropped", file, where, f"bbox {bbox}")
+    isfinite = math.isfinite
+    if not (isfinite(x) and isfinite(y) and isfinite(w) and isfinite(h)) or w <= 0 or h <= 0:
+        report.dropped("boxes with zero, negative or NaN size dropped", *source(), f"bbox {bbox}")
         return None
     if record.orientation != 1:
         x, y, w, h = orient_box([x, y, w, h], record.orientation, record.stored_size)
@@ -439,13 +489,12 @@ def _clean_box(
     if x1 <= x0 or y1 <= y0:
         report.dropped(
             "boxes wholly outside their image dropped",
-            file,
-            where,
+            *source(),
             f"bbox {bbox} in a {width}x{height} image",
         )
         return None
-    if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+    if x0 != x or y0 != y or x1 != x + w or y1 != y + h:
         report.fixed(
-            "boxes clipped to their image", file, where, f"bbox {bbox} in a {width}x{height} image"
+            "boxes clipped to their image", *source(), f"bbox {bbox} in a {width}x{height} image"
         )
     return [x0, y0, x1 - x0, y1 - y0]

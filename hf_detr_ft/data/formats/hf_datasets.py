@@ -19,10 +19,19 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    IterableDataset,
+    IterableDatasetDict,
+    load_dataset,
+    load_from_disk,
+)
 from datasets import Image as ImageFeature
 
 from ...errors import DatasetError
@@ -63,48 +72,68 @@ def looks_like_hub_id(name: str) -> bool:
 
 def read_hf_dataset(source: str | Path) -> list[CocoFile]:
     """One :class:`CocoFile` per split of a ``save_to_disk`` folder or a Hub dataset."""
-    splits = _load(source)
+    splits = load_hf_splits(source)
     coco_files, next_annotation_id = [], 1
     for name, dataset in splits.items():
         split = canonical_split(name)
         if split is None:
             logger.warning("%s: split %r is not train/validation/test; skipped.", source, name)
             continue
-        _check_schema(dataset, source, name)
-        key = _category_key(dataset)
+        key = check_schema(dataset, source, name)
         names = _class_names(dataset, key, source)
-        categories = [{"id": i, "name": n} for i, n in enumerate(names)]
-        where = Path(str(source)) / name
-        coco = CocoFile(SplitFiles(split, where, where), categories, [], [])
-        coco.boxes_as_displayed = True
         rows = dataset.cast_column("image", ImageFeature(decode=False))
-        for index, row in enumerate(rows):
-            image_id = int(row.get("image_id", index))
-            size = {"width": row.get("width"), "height": row.get("height")}
-            coco.images.append({"id": image_id, "file_name": f"{name}[{index}]", **size})
-            coco.embedded_images[image_id] = row["image"]
-            coco.image_sources[image_id] = (str(where), f"row {index} (image_id {image_id})")
-            objects = _columns(row["objects"])
-            for k, (bbox, category) in enumerate(zip(objects["bbox"], objects[key])):
-                ann_id = next_annotation_id
-                next_annotation_id += 1
-                coco.annotations.append(
-                    {
-                        "id": ann_id,
-                        "image_id": image_id,
-                        "category_id": category,
-                        "bbox": bbox,
-                        "area": (objects.get("area") or [None] * (k + 1))[k],
-                    }
-                )
-                coco.annotation_sources[ann_id] = (str(where), f"row {index}, object {k}")
+        coco = rows_to_coco(enumerate(rows), split, name, source, names, key, next_annotation_id)
+        next_annotation_id += len(coco.annotations)
         coco_files.append(coco)
     if not coco_files:
         raise DatasetError(f"{source} has no train, validation or test split ({list(splits)}).")
     return coco_files
 
 
-def _load(source: str | Path) -> DatasetDict:
+def rows_to_coco(
+    rows: Iterable[tuple[int, dict[str, Any]]],
+    split: str,
+    name: str,
+    source: str | Path,
+    class_names: list[str],
+    key: str,
+    first_annotation_id: int = 1,
+) -> CocoFile:
+    """``(row index, row)`` pairs of split ``name`` (images not decoded) as COCO content, for
+    :func:`~..records.to_records` to check: a whole split, or a batch of a stream."""
+    categories = [{"id": i, "name": n} for i, n in enumerate(class_names)]
+    where = Path(str(source)) / name
+    coco = CocoFile(SplitFiles(split, where, where), categories, [], [])
+    coco.boxes_as_displayed = True
+    next_annotation_id = first_annotation_id
+    for index, row in rows:
+        image_id = int(row.get("image_id", index))
+        size = {"width": row.get("width"), "height": row.get("height")}
+        coco.images.append({"id": image_id, "file_name": f"{name}[{index}]", **size})
+        coco.embedded_images[image_id] = row["image"]
+        coco.image_sources[image_id] = (str(where), f"row {index} (image_id {image_id})")
+        objects = _columns(row["objects"])
+        for k, (bbox, category) in enumerate(zip(objects["bbox"], objects[key])):
+            ann_id = next_annotation_id
+            next_annotation_id += 1
+            coco.annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": bbox,
+                    "area": (objects.get("area") or [None] * (k + 1))[k],
+                }
+            )
+            coco.annotation_sources[ann_id] = (str(where), f"row {index}, object {k}")
+    return coco
+
+
+def load_hf_splits(
+    source: str | Path, streaming: bool = False
+) -> DatasetDict | IterableDatasetDict:
+    """The splits of ``source``; ``streaming``: read as they are iterated (``load_dataset``'s
+    ``streaming=True``), for data files and Hub ids, never downloaded whole."""
     path = Path(source).expanduser()
     if path.is_dir() and is_saved_dataset(path):
         try:
@@ -113,7 +142,7 @@ def _load(source: str | Path) -> DatasetDict:
             raise DatasetError(f"Cannot load the saved dataset in {path}: {err}") from err
     elif path.is_dir():
         try:
-            loaded = load_dataset(str(path))
+            loaded = load_dataset(str(path), streaming=streaming)
         except Exception as err:  # datasets raises many kinds for unreadable data files
             raise DatasetError(
                 f"Cannot load the dataset files in {path} with datasets.load_dataset "
@@ -121,7 +150,7 @@ def _load(source: str | Path) -> DatasetDict:
             ) from err
     else:
         try:
-            loaded = load_dataset(str(source))
+            loaded = load_dataset(str(source), streaming=streaming)
         except Exception as err:  # offline, not found, gated: all mean "not reachable from here"
             raise DatasetError(
                 f"{source!r} is not a folder, and loading it as a Hugging Face Hub dataset "
@@ -129,10 +158,13 @@ def _load(source: str | Path) -> DatasetDict:
                 "run datasets.load_dataset(ID).save_to_disk(FOLDER) where the Hub is reachable "
                 "and pass FOLDER."
             ) from err
-    return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    if isinstance(loaded, DatasetDict | IterableDatasetDict):
+        return loaded
+    return (IterableDatasetDict if streaming else DatasetDict)({"train": loaded})
 
 
-def _check_schema(dataset: Dataset, source: str | Path, split: str) -> None:
+def check_schema(dataset: Dataset | IterableDataset, source: str | Path, split: str) -> str:
+    """Refuse a split without the cppe-5 detection columns; the key of its categories."""
     missing = [c for c in ("image", "objects") if c not in dataset.features]
     if not missing and not (_category_key(dataset) and "bbox" in _object_features(dataset)):
         missing = ["objects.bbox", "objects.category"]
@@ -141,14 +173,14 @@ def _check_schema(dataset: Dataset, source: str | Path, split: str) -> None:
             f"{source} ({split} split) lacks the column(s) {missing}; expected the cppe-5 "
             "detection schema: image, objects {bbox [x, y, w, h] pixels, category ClassLabel}."
         )
+    return _category_key(dataset)
 
 
 def _class_names(dataset: Dataset, key: str, source: str | Path) -> list[str]:
     """The ClassLabel names of ``objects.<key>``, else ``class_0``, ``class_1``, ... (warned)."""
-    category = _object_features(dataset)[key]
-    label = getattr(category, "feature", category)
-    if isinstance(label, ClassLabel):
-        return list(label.names)
+    names = class_label_names(dataset, key)
+    if names is not None:
+        return names
     ids = {c for objects in dataset["objects"] for c in _columns(objects)[key]}
     count = int(max(ids)) + 1 if ids else 1
     logger.warning(
@@ -158,6 +190,13 @@ def _class_names(dataset: Dataset, key: str, source: str | Path) -> list[str]:
         count - 1,
     )
     return [f"class_{i}" for i in range(count)]
+
+
+def class_label_names(dataset: Dataset | IterableDataset, key: str) -> list[str] | None:
+    """The class names of ``objects.<key>`` if it is a ``ClassLabel`` (else ``None``)."""
+    category = _object_features(dataset)[key]
+    label = getattr(category, "feature", category)
+    return list(label.names) if isinstance(label, ClassLabel) else None
 
 
 def _columns(objects: Any) -> dict[str, list[Any]]:
