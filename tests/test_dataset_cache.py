@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,22 @@ def test_a_partial_or_corrupt_entry_is_rebuilt_never_used(
     assert _builds(caplog) == 1
     assert again.splits["train"].to_list() == expected
     assert (entry / META_FILE).is_file()
+
+
+def test_a_killed_build_leaves_nothing_behind_after_the_next_one(
+    folder: Path, tmp_path: Path
+) -> None:
+    """SIGTERM skips a build's clean-up; the next build (under the lock) removes its folder."""
+    cache_dir = tmp_path / "cache"
+    _load(folder, cache_dir)
+    (entry,) = _entries(cache_dir)
+    shutil.rmtree(entry)
+    left = entry.with_name(f"{entry.name}.partial-424242")  # as a killed build leaves it
+    left.mkdir()
+    (left / "train.arrow").write_bytes(b"half written")
+    _load(folder, cache_dir)
+    assert (entry / META_FILE).is_file() and not left.exists()
+    assert not [p for p in cache_dir.iterdir() if ".partial-" in p.name]
 
 
 def test_num_classes_is_checked_on_a_hit(folder: Path, tmp_path: Path) -> None:

@@ -109,9 +109,14 @@ def cached_build(entry: Path, build: Callable[[SplitWriter], Contents]) -> Conte
 
 
 def _build(entry: Path, build: Callable[[SplitWriter], Contents]) -> None:
-    """Write into a temporary folder, ``meta.json`` last, then rename it into place."""
+    """Write into a temporary folder, ``meta.json`` last, then rename it into place.
+
+    Runs under the entry's lock, so any other temporary folder of this entry is left by a
+    build that was killed (e.g. SIGTERM, which skips the clean-up below): removed here."""
+    for stale in entry.parent.glob(f"{entry.name}.partial-*"):
+        logger.info("Removing %s, left by an interrupted cache build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     files: dict[str, str] = {}
 
