@@ -35,7 +35,7 @@ DEMO_SETTINGS = {
     "image_size": 128,
     "max_image_size": 128,
     "min_scale": 1.0,  # objects of 16-40 px: downscaling them only makes them harder to see
-    "num_train_epochs": 30,
+    "num_train_epochs": 15,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
     "learning_rate": 5e-4,

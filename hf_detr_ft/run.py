@@ -208,6 +208,7 @@ def _build(
         trust_remote_code=model_args.trust_remote_code,
         num_queries=model_args.num_queries,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        freeze_backbone=model_args.freeze_backbone,
     )
     family = family_of(model.config)
     apply_family_recipe(training_args, family)

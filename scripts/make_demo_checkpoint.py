@@ -20,7 +20,7 @@ torch 2.14.1, transformers 5.24), in two stages::
     python scripts/make_demo_checkpoint.py --family conditional_detr \
         --init-backbone /tmp/demo_stage1 --minutes 50 --threads 1 \
         --output hf_detr_ft/assets/demo_detr
-    # 3. for the demo's fine-tuning: "focal_alpha": 0.5 in its config.json (docs/demo.md)
+    # 3. for the demo's fine-tuning: "focal_alpha": 0.45 in its config.json (docs/demo.md)
 
 Stage 1 (the demo's checkpoint until 2026-12-02; git history has it) made 4,945 steps of 16
 images under a load average of 3-6 and reached mAP@[.5:.95] 0.208 / mAP50 0.440 on 200

@@ -18,7 +18,7 @@ from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 from transformers.models.resnet import modeling_resnet
 
 from hf_detr_ft.models import speedups
-from hf_detr_ft.models.loading import freeze_backbone_stem
+from hf_detr_ft.models.loading import freeze_backbone_parts
 from hf_detr_ft.models.speedups import (
     FrozenNormConv2d,
     _exact_fp32,
@@ -55,7 +55,7 @@ def small_detr(backbone: str) -> DetrForObjectDetection:
         norm.bias.normal_(0, 0.2)
         norm.running_mean.normal_(0, 0.2)
         norm.running_var.uniform_(0.5, 2.0)
-    freeze_backbone_stem(model)  # as loaded for training: later stages train
+    freeze_backbone_parts(model)  # as loaded for training: later stages train
     return model
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import BCCD, tiny_trainer
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForObjectDetection,
     Trainer,
@@ -350,3 +352,34 @@ def test_cli_reports_user_mistakes_without_traceback(
     err = capsys.readouterr().err
     assert code == 2
     assert "ema_decay must be" in err and "Traceback" not in err
+
+
+def test_freeze_backbone_trains_everything_but_the_backbone(
+    tiny_model_dir, shapes_dir, tmp_path
+) -> None:
+    """``freeze_backbone`` (the demo's setting) leaves every backbone weight as loaded."""
+    out = tmp_path / "frozen"
+    finetune(
+        shapes_dir,
+        3,
+        model=tiny_model_dir,
+        output_dir=out,
+        freeze_backbone=True,
+        max_steps=3,
+        learning_rate=1e-3,
+        lr_backbone=1e-3,
+        per_device_train_batch_size=4,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        **QUICK,
+    )
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    config = AutoConfig.from_pretrained(out)
+    shared = [name for name in after if name in before and before[name].shape == after[name].shape]
+    backbone = [name for name in shared if is_backbone_parameter(name, config)]
+    rest = [name for name in shared if name not in backbone and "decoder.layers" in name]
+    assert backbone and rest
+    assert all(torch.equal(before[name], after[name]) for name in backbone)
+    assert any(not torch.equal(before[name], after[name]) for name in rest)
