@@ -8,6 +8,8 @@ Modules, in the order data passes through them:
                    (``formats.coco_writer`` writes any of them back as COCO)
     image_files    image files checked and decoded the way training reads them
     records        COCO content -> checked annotation records + label map + problems
+    box_checks     a split's boxes checked at once (numpy), in annotation order
+    record_columns a split's checked records as columns -> one Arrow table
     dataset        records -> ``DetectionDataset`` (a ``datasets.DatasetDict`` per split)
     cache          a COCO folder's checked splits built once as Arrow files, then memory-mapped
     streaming      a Hub dataset's training split streamed (``--streaming``), the rest read whole

@@ -35,7 +35,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,9 @@ import pyarrow as pa
 from datasets import Dataset, Features
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock
-from tqdm.auto import tqdm
 
 from .layouts import SplitFiles
+from .record_columns import RecordColumns
 from .records import LabelMap, Problem, SkipReport
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ _OFF = ("off", "none", "0", "false", "no")
 _HASH_CHUNK = 1 << 24
 
 #: Writes one split's records to the cache and returns the split as a ``Dataset``.
-SplitWriter = Callable[[str, Iterable[dict[str, Any]], Features], Dataset]
+SplitWriter = Callable[[str, RecordColumns, Features], Dataset]
 #: What a build produces and the cache gives back: label map, splits, problems per split.
 Contents = tuple[LabelMap, dict[str, Dataset], dict[str, SkipReport]]
 
@@ -91,8 +91,8 @@ def cache_key(split_files: list[SplitFiles], *, layout: str, strict: bool) -> st
 def cached_build(entry: Path, build: Callable[[SplitWriter], Contents]) -> Contents:
     """The contents of cache ``entry``, built with ``build`` first unless complete already.
 
-    ``build`` gets a :data:`SplitWriter` to write each split through (streamed into an Arrow
-    file, never held as one table in memory).
+    ``build`` gets a :data:`SplitWriter` to write each split through (its columns written to
+    an Arrow file as one table: no Python object per box).
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{entry}.lock"):
@@ -120,15 +120,11 @@ def _build(entry: Path, build: Callable[[SplitWriter], Contents]) -> None:
     partial.mkdir()
     files: dict[str, str] = {}
 
-    def write_split(split: str, records: Iterable[dict[str, Any]], features: Features) -> Dataset:
+    def write_split(split: str, records: RecordColumns, features: Features) -> Dataset:
         files[split] = f"{split}.arrow"
         path = partial / files[split]
-        progress = tqdm(
-            records, desc=f"Writing the {split} cache", unit="image", delay=2, disable=None
-        )
         with ArrowWriter(features=features, path=str(path)) as writer:
-            for record in progress:
-                writer.write(record)
+            writer.write_table(records.table(features))
             writer.finalize()
         return Dataset.from_file(str(path))
 

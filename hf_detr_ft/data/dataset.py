@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
 from datasets import Image as ImageFeature
+from datasets.table import InMemoryTable
 
 from ..errors import DatasetError
 from ..wording import plural
 from .cache import Contents, SplitWriter, cache_key, cache_root, cached_build
 from .formats import read_annotations, resolve_format
 from .layouts import SplitFiles, find_splits
-from .records import CocoFile, LabelMap, SkipReport, build_label_map, drain, to_records
+from .record_columns import RecordColumns
+from .records import CocoFile, LabelMap, SkipReport, build_label_map, check_split
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +160,15 @@ def _read_splits(
     while coco_files:  # popped: a split's parsed JSON is freed before its records are written
         coco = coco_files.pop(0)
         files = coco.files
-        records, skipped[files.split] = to_records(coco, label_map, strict=strict)
+        records, skipped[files.split] = check_split(coco, label_map, strict=strict)
         del coco
         if not records:
             raise DatasetError(
                 f"The {files.split} split ({files.annotation_file}) has no usable images: "
                 f"all were dropped ({dict(skipped[files.split].counts)})."
             )
-        splits[files.split] = write(files.split, drain(records), features)  # freed as written
+        splits[files.split] = write(files.split, records, features)
+        del records
     if "train" not in splits:
         raise DatasetError(f"No training split in {root} (found: {sorted(splits)}).")
     return label_map, splits, skipped
@@ -182,8 +183,8 @@ def _check_num_classes(label_map: LabelMap, num_classes: int | None, root: Path)
         )
 
 
-def _in_memory(split: str, records: Iterable[dict[str, Any]], features: Features) -> Dataset:
-    return Dataset.from_list(list(records), features=features)
+def _in_memory(split: str, records: RecordColumns, features: Features) -> Dataset:
+    return Dataset(InMemoryTable(records.table(features)), info=DatasetInfo(features=features))
 
 
 def _cache_entry(

@@ -237,7 +237,9 @@ def eight_bit_png(source: str | Path | bytes) -> bytes:
 def orient_box(box: list[float], orientation: int, stored_size: tuple[int, int]) -> list[float]:
     """Move an ``[x, y, w, h]`` box drawn on the stored pixels to the EXIF-oriented image.
 
-    The same transposition ``PIL.ImageOps.exif_transpose`` applies to the pixels.
+    The same transposition ``PIL.ImageOps.exif_transpose`` applies to the pixels. Works on
+    numpy arrays too (one per coordinate, sizes as arrays): :mod:`.box_checks` moves a whole
+    split's boxes with it.
     """
     x, y, w, h = box
     width, height = stored_size

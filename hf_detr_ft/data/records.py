@@ -23,25 +23,32 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ..errors import DatasetError
+from .box_checks import (
+    INVALID_BBOX,
+    NO_SIZE,
+    OUTSIDE,
+    UNKNOWN_CATEGORY,
+    UNKNOWN_IMAGE,
+    CheckedBoxes,
+    ImageColumns,
+    check_boxes,
+    objects_by_record,
+)
 from .image_files import (
     ImageInfo,
     eight_bit_png,
     inspect_or_error,
     on_every_core,
-    orient_box,
 )
 from .layouts import SplitFiles
+from .record_columns import RecordColumns
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +70,10 @@ class LabelMap:
     def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.names))
 
-    def index(self, source_id: int) -> int | None:
-        return self._index.get(source_id)
+    @property
+    def class_of(self) -> dict[int, int]:
+        """Class index by source category id."""
+        return self._index
 
 
 @dataclass
@@ -215,10 +224,20 @@ def build_label_map(coco_files: list[CocoFile]) -> LabelMap:
 def to_records(
     coco: CocoFile, label_map: LabelMap, *, strict: bool = False
 ) -> tuple[list[dict[str, Any]], SkipReport]:
+    """:func:`check_split`'s records as dicts, for the code that wants rows (streaming)."""
+    records, report = check_split(coco, label_map, strict=strict)
+    return list(records.rows()), report
+
+
+def check_split(
+    coco: CocoFile, label_map: LabelMap, *, strict: bool = False
+) -> tuple[RecordColumns, SkipReport]:
     """Turn one split's COCO content into annotation records, repairing or dropping bad input.
 
-    Consumes ``coco.annotations`` (left empty): each annotation's objects are freed once its
-    box is in a record, so a COCO-scale split is never held twice in memory.
+    Consumes ``coco.annotations`` (left empty): they are let go a chunk at a time as their
+    boxes are checked, so a COCO-scale split is never held twice in memory. The boxes are
+    checked with numpy (:mod:`.box_checks`), their problems reported in annotation order, and
+    the records kept as columns (:class:`.RecordColumns`).
     """
     path = coco.files.annotation_file
     report = SkipReport(strict=strict)
@@ -267,61 +286,19 @@ def to_records(
 
     del checked
     file_names = {e.get("id"): e.get("file_name") for e in coco.images}
-    annotations, coco.annotations = coco.annotations, []  # consumed: see the docstring
-    boxes = tqdm(
-        drain(annotations),
-        total=len(annotations),
-        desc=f"Checking {coco.files.split} boxes",
-        unit="box",
-        delay=2,
-        disable=None,
+    kept = list(records.values())
+    boxes = check_boxes(
+        coco.annotations,  # emptied: see the docstring
+        _record_positions(records, aliases, known_images),
+        label_map.class_of,
+        ImageColumns.of([(*_size_of(r.data), r.orientation, *r.stored_size) for r in kept]),
     )
-    for ann in boxes:
-        image_id = ann.get("image_id")
-        # where the annotation is, for its problems: formatted only when there is one
-        source = partial(_annotation_source, coco, ann, file_names)
-        if image_id not in known_images:
-            report.dropped(
-                "annotations of unknown images dropped",
-                *source(),
-                f"image_id {image_id!r} is not in the image list",
-            )
-            continue
-        record = records.get(aliases.get(image_id, image_id))
-        if record is None:  # the image itself was dropped and counted
-            continue
-        label = label_map.index(ann.get("category_id"))
-        if label is None:
-            classes = dict(zip(label_map.source_ids, label_map.names))
-            file, where = source()
-            raise DatasetError(
-                f"{file}: {where} has category_id {ann.get('category_id')!r}, which is not a "
-                f"class of this dataset (classes: {classes}). Add the category to the category "
-                "list or remove the annotation."
-            )
-        box = _clean_box(ann, record, report, source)
-        if box is None:
-            continue
-        objects = record.data["objects"]
-        objects["id"].append(int(ann.get("id", len(objects["id"]))))
-        objects["bbox"].append(box)
-        objects["category"].append(label)
-        box_area = box[2] * box[3]  # a segment's area never exceeds its (clipped) box's
-        area = ann.get("area")
-        area = float(area) if isinstance(area, int | float) and area > 0 else box_area
-        objects["area"].append(min(area, box_area))
-        objects["iscrowd"].append(bool(ann.get("iscrowd", 0)))
-
+    for i, ann in boxes.annotations.items():  # in order: the first error comes first
+        _report_box(coco, ann, file_names, boxes, i, kept, label_map, report)
+    del records
     report.log(path)
-    return [r.data for r in records.values()], report
-
-
-def drain(items: list[Any]) -> Iterator[Any]:
-    """The items of ``items`` in order, each let go once taken (the list ends empty): a large
-    list is never held alongside what is made from it."""
-    items.reverse()
-    while items:
-        yield items.pop()
+    offsets, objects = objects_by_record(boxes, len(kept))
+    return RecordColumns([r.data for r in kept], offsets, objects), report
 
 
 @dataclass
@@ -438,8 +415,7 @@ def _image_record(
         "image_id": image_id,
         "width": info.size[0],
         "height": info.size[1],
-        "objects": {"id": [], "bbox": [], "category": [], "area": [], "iscrowd": []},
-    }
+    }  # its objects: the columns of check_split's result
     return record
 
 
@@ -464,37 +440,52 @@ def _resolve_image(files: SplitFiles, file_name: str) -> Path | None:
     return None
 
 
-def _clean_box(
-    ann: dict, record: _Record, report: SkipReport, source: Callable[[], tuple[str, str]]
-) -> list[float] | None:
-    """Orient and clip a COCO ``[x, y, w, h]`` box; ``None`` (counted) when nothing is left.
+def _record_positions(
+    records: dict[int, _Record], aliases: dict[int, int], known_images: set[int]
+) -> dict[int, int]:
+    """Each known image id -> the position of the record its boxes go to (-1: it was dropped)."""
+    position = {image_id: k for k, image_id in enumerate(records)}
+    return {i: position.get(aliases.get(i, i), -1) for i in known_images}
 
-    ``source()`` names the file and record of the annotation (called only for a problem).
-    """
-    bbox = ann.get("bbox")
-    try:
-        x, y, w, h = map(float, bbox)
-    except (TypeError, ValueError):
-        report.dropped("annotations without a valid bbox dropped", *source(), f"bbox {bbox!r}")
-        return None
-    isfinite = math.isfinite
-    if not (isfinite(x) and isfinite(y) and isfinite(w) and isfinite(h)) or w <= 0 or h <= 0:
-        report.dropped("boxes with zero, negative or NaN size dropped", *source(), f"bbox {bbox}")
-        return None
-    if record.orientation != 1:
-        x, y, w, h = orient_box([x, y, w, h], record.orientation, record.stored_size)
-    width, height = record.data["width"], record.data["height"]
-    x0, y0 = max(x, 0.0), max(y, 0.0)
-    x1, y1 = min(x + w, width), min(y + h, height)
-    if x1 <= x0 or y1 <= y0:
-        report.dropped(
-            "boxes wholly outside their image dropped",
-            *source(),
-            f"bbox {bbox} in a {width}x{height} image",
+
+def _size_of(data: dict[str, Any]) -> tuple[int, int]:
+    return data["width"], data["height"]
+
+
+def _report_box(
+    coco: CocoFile,
+    ann: dict,
+    file_names: dict,
+    boxes: CheckedBoxes,
+    i: int,
+    kept: list[_Record],
+    label_map: LabelMap,
+    report: SkipReport,
+) -> None:
+    """Report what :func:`.box_checks.check_boxes` found wrong with annotation ``i``."""
+    status, bbox = boxes.status[i], ann.get("bbox")
+    file, where = _annotation_source(coco, ann, file_names)
+    if status == UNKNOWN_IMAGE:
+        detail = f"image_id {ann.get('image_id')!r} is not in the image list"
+        report.dropped("annotations of unknown images dropped", file, where, detail)
+    elif status == UNKNOWN_CATEGORY:
+        classes = dict(zip(label_map.source_ids, label_map.names))
+        raise DatasetError(
+            f"{file}: {where} has category_id {ann.get('category_id')!r}, which is not a "
+            f"class of this dataset (classes: {classes}). Add the category to the category "
+            "list or remove the annotation."
         )
-        return None
-    if x0 != x or y0 != y or x1 != x + w or y1 != y + h:
-        report.fixed(
-            "boxes clipped to their image", *source(), f"bbox {bbox} in a {width}x{height} image"
-        )
-    return [x0, y0, x1 - x0, y1 - y0]
+    elif status == INVALID_BBOX:
+        report.dropped("annotations without a valid bbox dropped", file, where, f"bbox {bbox!r}")
+    elif status == NO_SIZE:
+        report.dropped("boxes with zero, negative or NaN size dropped", file, where, f"bbox {bbox}")
+    else:
+        in_image = "in a {}x{} image".format(*_size_of(kept[boxes.record[i]].data))
+        if status == OUTSIDE:
+            reason = "boxes wholly outside their image dropped"
+            report.dropped(reason, file, where, f"bbox {bbox} {in_image}")
+            return
+        if boxes.clipped[i]:
+            report.fixed("boxes clipped to their image", file, where, f"bbox {bbox} {in_image}")
+        if i in boxes.errors:  # a kept box whose id int() refused, as reading it one by one
+            raise boxes.errors[i]
