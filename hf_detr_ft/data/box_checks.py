@@ -22,6 +22,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .image_files import orient_box
 
@@ -93,17 +94,21 @@ def check_boxes(
     record_of: dict[Any, int],
     class_of: dict[Any, int],
     images: ImageColumns,
+    desc: str = "Checking boxes",
 ) -> CheckedBoxes:
     """Check every annotation: ``record_of`` maps an image id to its record's position (-1:
     a known image that was dropped), ``class_of`` a category id to its class index.
 
     Empties ``annotations`` a chunk at a time: a chunk's dicts and values are let go once its
     arrays are made, so a COCO-scale split's annotations are never held beside all of them.
+    A progress bar (``desc``) shows once the check has run 2 s (~1M boxes).
     """
     parts = []
-    while annotations or not parts:
-        parts.append(_check_chunk(annotations[:_CHUNK], record_of, class_of, images))
-        del annotations[:_CHUNK]
+    with tqdm(total=len(annotations), desc=desc, unit="box", delay=2, disable=None) as progress:
+        while annotations or not parts:
+            parts.append(_check_chunk(annotations[:_CHUNK], record_of, class_of, images))
+            progress.update(len(parts[-1].status))
+            del annotations[:_CHUNK]
     starts = np.cumsum([0] + [len(part.status) for part in parts]).tolist()
     arrays = {
         field.name: np.concatenate([getattr(part, field.name) for part in parts])

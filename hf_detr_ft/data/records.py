@@ -292,6 +292,7 @@ def check_split(
         _record_positions(records, aliases, known_images),
         label_map.class_of,
         ImageColumns.of([(*_size_of(r.data), r.orientation, *r.stored_size) for r in kept]),
+        desc=f"Checking {coco.files.split} boxes",
     )
     for i, ann in boxes.annotations.items():  # in order: the first error comes first
         _report_box(coco, ann, file_names, boxes, i, kept, label_map, report)
