@@ -105,10 +105,14 @@ def check_boxes(
     """
     parts = []
     with tqdm(total=len(annotations), desc=desc, unit="box", delay=2, disable=None) as progress:
-        while annotations or not parts:
-            parts.append(_check_chunk(annotations[:_CHUNK], record_of, class_of, images))
-            progress.update(len(parts[-1].status))
-            del annotations[:_CHUNK]
+        for start in range(0, max(len(annotations), 1), _CHUNK):
+            chunk = annotations[start : start + _CHUNK]
+            # let the chunk's dicts go in place: deleting from the list's front would move
+            # every later entry once per chunk (quadratic at Objects365 scale)
+            annotations[start : start + len(chunk)] = [None] * len(chunk)
+            parts.append(_check_chunk(chunk, record_of, class_of, images))
+            progress.update(len(chunk))
+    annotations.clear()
     starts = np.cumsum([0] + [len(part.status) for part in parts]).tolist()
     arrays = {
         field.name: np.concatenate([getattr(part, field.name) for part in parts])
