@@ -26,7 +26,9 @@ same code on the tests' tiny models (``tests/tiny_families.py``) in seconds.
   (``stock.py``: ``AutoImageProcessor`` from the checkpoint with ``max_height``/``max_width``
   ``size``, padded to ``size x size``; ``transformers.Trainer``, its collate, one learning
   rate, 0 workers) against ours on the same saved model, trained in turns, rates from median
-  steps as above.
+  steps as above; then evaluation (the example's ``compute_metrics`` against ours) and
+  prediction (``pipeline("object-detection")`` image by image against ``hf_detr_ft.predict``)
+  in turns (:func:`inference_head_to_head`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import StepTimer, padded_fraction, release_freed_memory  # noqa: E402
-from stock import StockTransform, stock_arguments, stock_trainer  # noqa: E402
+from stock import (  # noqa: E402
+    StockTransform,
+    stock_arguments,
+    stock_compute_metrics,
+    stock_trainer,
+)
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoModelForObjectDetection,
@@ -80,10 +87,12 @@ from transformers import (  # noqa: E402
     TableTransformerConfig,
     YolosConfig,
     YolosImageProcessor,
+    pipeline,
 )
 from transformers.image_processing_utils import BaseImageProcessor  # noqa: E402
-from workloads import bccd_images, our_trainer  # noqa: E402
+from workloads import bccd_images, image_files, our_trainer  # noqa: E402
 
+from hf_detr_ft.inference.predict import predict  # noqa: E402
 from hf_detr_ft.models.families import FAMILIES, family_of  # noqa: E402
 
 BATCH = 2
@@ -98,6 +107,8 @@ SIZES = {
         "h2h_warmup": 2,
         "h2h_steps": 8,
         "h2h_rounds": 5,
+        "h2h_eval_images": 32,
+        "h2h_predict_images": 16,
     },
     "quick": {
         "size": 320,
@@ -107,6 +118,8 @@ SIZES = {
         "h2h_warmup": 1,
         "h2h_steps": 3,
         "h2h_rounds": 1,
+        "h2h_eval_images": 8,
+        "h2h_predict_images": 4,
     },
     "smoke": {
         "size": 64,
@@ -116,6 +129,8 @@ SIZES = {
         "h2h_warmup": 0,
         "h2h_steps": 1,
         "h2h_rounds": 1,
+        "h2h_eval_images": 4,
+        "h2h_predict_images": 2,
     },
 }
 #: The types of the ours-vs-stock comparison, in the order they run.
@@ -578,22 +593,33 @@ def _print_table(rows: dict[str, dict[str, Any]]) -> None:
         )
 
 
-def stock_trainer_for(model_dir: Path, dataset, size: int, output_dir: Path, **args: Any):
-    """The transformers example's recipe for any checkpoint (``stock.py`` generalised from
-    DETR): ``AutoImageProcessor.from_pretrained`` with the longest edge at most ``size`` and
-    every image padded to ``size x size``, ``AutoModelForObjectDetection``, a plain Trainer."""
-    processor = AutoImageProcessor.from_pretrained(
+def stock_processor_for(model_dir: Path, size: int) -> BaseImageProcessor:
+    """The example's processor for any checkpoint: ``AutoImageProcessor.from_pretrained`` with
+    the longest edge at most ``size`` and every image padded to ``size x size``."""
+    return AutoImageProcessor.from_pretrained(
         model_dir,
         do_resize=True,
         size={"max_height": size, "max_width": size},
         do_pad=True,
         pad_size={"height": size, "width": size},
     )
+
+
+def stock_trainer_for(
+    model_dir: Path, dataset, size: int, output_dir: Path, evaluation: bool = False, **args: Any
+):
+    """The transformers example's recipe for any checkpoint (``stock.py`` generalised from
+    DETR): :func:`stock_processor_for`, ``AutoModelForObjectDetection``, a plain Trainer;
+    with ``evaluation``, ``dataset`` is its evaluation set, scored by the example's
+    ``compute_metrics`` (every output gathered, post-processed and scored at the end)."""
+    processor = stock_processor_for(model_dir, size)
+    data = dataset.with_transform(StockTransform(processor))
     return stock_trainer(
         AutoModelForObjectDetection.from_pretrained(model_dir),
         stock_arguments(str(output_dir), **args),
-        train=dataset.with_transform(StockTransform(processor)),
+        **({"evaluation": data} if evaluation else {"train": data}),
         processing_class=processor,
+        **({"compute_metrics": stock_compute_metrics(processor, dataset)} if evaluation else {}),
     )
 
 
@@ -670,6 +696,70 @@ def head_to_head(model_type: str, mode: str, work: Path) -> dict[str, Any]:
     return row
 
 
+def inference_head_to_head(model_type: str, mode: str, work: Path) -> dict[str, Any]:
+    """Evaluation and prediction with the saved model, ours vs the stock recipe, in turns
+    (``h2h_rounds`` rounds, after one untimed round): our Trainer's ``evaluate()`` against the
+    stock Trainer's (the example's ``compute_metrics``: every output gathered, post-processed
+    and scored at the end), both at the common size, batches of 8; ``hf_detr_ft.predict``
+    (batches of 8) against ``pipeline("object-detection")`` called image by image, both at the
+    saved processor's size and loading the model inside the timing. Seconds per side: the
+    median of the rounds."""
+    sizes = SIZES[mode]
+    size, tiny = sizes["size"], mode == "smoke"
+    data = bccd_images(sizes["h2h_eval_images"])
+    names = data.features["objects"]["category"].feature.names
+    model_dir, _ = save_family_model(
+        model_type, names, work / f"family-{model_type}{'-tiny' if tiny else ''}", tiny=tiny
+    )
+    files = image_files(data)[: sizes["h2h_predict_images"]]
+    batch = {"per_device_eval_batch_size": 8}
+    evaluators = {
+        "ours": our_trainer(model_dir, data, size, work / "eval-ours", image_size=size, **batch),
+        "stock": stock_trainer_for(model_dir, data, size, work / "eval-stock", True, **batch),
+    }
+    for trainer in evaluators.values():
+        trainer.remove_callback(PrinterCallback)  # the metrics, printed per evaluation
+
+    def stock_predict() -> None:
+        detector = pipeline("object-detection", model=str(model_dir), device="cpu")
+        for path in files:
+            detector(str(path), threshold=0.5)
+
+    tasks = {
+        "evaluate": {side: trainer.evaluate for side, trainer in evaluators.items()},
+        "predict": {
+            "ours": lambda: predict(model_dir, files, threshold=0.5, batch_size=8, device="cpu"),
+            "stock": stock_predict,
+        },
+    }
+    seconds: dict[str, dict[str, list[float]]] = {task: {"ours": [], "stock": []} for task in tasks}
+    for round_ in range(sizes["h2h_rounds"] + 1):
+        for task, sides in tasks.items():
+            for side, run in sides.items():
+                if not tiny:
+                    release_freed_memory()
+                start = time.perf_counter()
+                run()
+                if round_ > 0:  # the first round pays one-time costs (threads, first kernels)
+                    seconds[task][side].append(time.perf_counter() - start)
+    row: dict[str, Any] = {"model_type": model_type}
+    for task, counts in (("evaluate", len(data)), ("predict", len(files))):
+        ours, stock = (statistics.median(seconds[task][side]) for side in ("ours", "stock"))
+        row[task] = {
+            "images": counts,
+            "ours_images_per_s": counts / ours,
+            "stock_images_per_s": counts / stock,
+            "speedup": stock / ours,
+            "seconds": seconds[task],
+        }
+        print(
+            f"{task} {model_type} ours vs stock: {counts / ours:.2f} vs {counts / stock:.2f} "
+            f"images/s  ratio {stock / ours:.2f}x",
+            flush=True,
+        )
+    return row
+
+
 def run_families(mode: str, work: Path, types: list[str] | None = None) -> dict[str, Any]:
     """The families table, then ours vs stock for :data:`HEAD_TO_HEAD_TYPES`."""
     start, threads = time.perf_counter(), torch.get_num_threads()
@@ -683,6 +773,9 @@ def run_families(mode: str, work: Path, types: list[str] | None = None) -> dict[
     try:
         result = families_section(mode, work, types)
         result["head_to_head"] = {t: head_to_head(t, mode, work) for t in HEAD_TO_HEAD_TYPES}
+        result["inference_head_to_head"] = {
+            t: inference_head_to_head(t, mode, work) for t in HEAD_TO_HEAD_TYPES
+        }
     finally:
         torch.set_num_threads(threads)
     result["seconds"] = time.perf_counter() - start

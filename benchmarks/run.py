@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Image as ImageFeature
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +50,7 @@ from workloads import (  # noqa: E402
     BCCD,
     bccd_images,
     finetune_with,
+    image_files,
     mixed_aspect_images,
     our_trainer,
     phone_photos,
@@ -355,12 +355,6 @@ def predict_section(files: list[Path], label: str, work: Path) -> dict[str, Any]
     return row
 
 
-def _image_files(dataset) -> list[Path]:
-    """The image files of a dataset that holds its images as files."""
-    paths = dataset.cast_column("image", ImageFeature(decode=False))["image"]
-    return [Path(image["path"]) for image in paths]
-
-
 def learning_section(
     minutes: float, splits: dict[str, int], work: Path, seed: int = 0
 ) -> dict[str, Any]:
@@ -572,7 +566,7 @@ def speed_sections(sizes: dict[str, Any], models: list[str], quick: bool, work: 
             sorted((BCCD / "JPEGImages").glob("*.jpg"))[: sizes["predict"]], "BCCD", work
         ),
         "predict_photos": predict_section(
-            _image_files(phone_photos(work / "photos", sizes["predict_photos"])), "photos", work
+            image_files(phone_photos(work / "photos", sizes["predict_photos"])), "photos", work
         ),
     }
 

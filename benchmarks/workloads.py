@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig, TrainerCallback
 
@@ -36,6 +37,12 @@ def bccd_images(limit: int) -> Dataset:
     data = load_detection_dataset(BCCD, dataset_format="voc", validation_fraction=0)
     train = data.splits["train"]
     return train.select(range(min(limit, len(train))))
+
+
+def image_files(dataset: Dataset) -> list[Path]:
+    """The image files of a dataset that holds its images as files."""
+    paths = dataset.cast_column("image", ImageFeature(decode=False))["image"]
+    return [Path(image["path"]) for image in paths]
 
 
 def phone_photos(root: Path, count: int) -> Dataset:

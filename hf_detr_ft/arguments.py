@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
+from transformers.trainer_utils import SaveStrategy
 
 from .artifacts.onnx_export import FORMATS as EXPORT_FORMATS
 from .artifacts.onnx_export import QUANTIZATIONS
@@ -290,8 +291,12 @@ class DetrTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(
         default=2, metadata={"help": "Checkpoints kept (best one always kept)."}
     )
-    load_best_model_at_end: bool = field(
-        default=True, metadata={"help": "Finish with the best checkpoint."}
+    load_best_model_at_end: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Finish with the best checkpoint (default: on when the run evaluates and "
+            "saves at the same points; off with eval_strategy no)."
+        },
     )
     metric_for_best_model: str | None = field(
         default="eval_map", metadata={"help": "Metric that picks the best checkpoint."}
@@ -413,6 +418,8 @@ class DetrTrainingArguments(TrainingArguments):
         self.warmup_from_recipe = self.warmup_steps is None
         if self.warmup_from_recipe:
             self.warmup_steps = 0
+        if self.load_best_model_at_end is None:
+            self.load_best_model_at_end = _best_checkpoint_available(self)
         super().__post_init__()
         _check_trackers(self.report_to)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -446,6 +453,25 @@ class DetrTrainingArguments(TrainingArguments):
         state = self.__dict__.copy()
         state.update({key: None for key in state if key.endswith("_token")})
         return state
+
+
+def _best_checkpoint_available(args: DetrTrainingArguments) -> bool:
+    """Whether the run saves a checkpoint wherever it evaluates, so that the best one can be
+    loaded at the end: the default of ``load_best_model_at_end``. transformers refuses the
+    option otherwise, so a run without evaluation (or saving at other points) simply finishes
+    with its last weights instead of failing on a default the user never set."""
+    evaluation = IntervalStrategy(args.eval_strategy)
+    saving = SaveStrategy(args.save_strategy)
+    if evaluation == IntervalStrategy.NO or saving == SaveStrategy.NO:
+        return False
+    if saving == SaveStrategy.BEST:
+        return True
+    if saving.value != evaluation.value:
+        return False
+    if evaluation == IntervalStrategy.STEPS:
+        eval_steps = args.eval_steps or args.logging_steps
+        return eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps == 0
+    return True
 
 
 def _check_early_stopping(args: DetrTrainingArguments) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import TrainOutput
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, SAFE_WEIGHTS_NAME
@@ -54,7 +55,8 @@ from .data.streaming import (
 from .errors import DatasetError, ExportError, TrainingInterrupted
 from .evaluation.error_analysis import analyse_errors
 from .models.families import family_of
-from .models.loading import DEFAULT_MODEL, load_image_processor, load_model
+from .models.input_sizes import smallest_input_side
+from .models.loading import DEFAULT_MODEL, at_least, load_image_processor, load_model
 from .models.thresholds import store_score_thresholds
 from .pipeline.augmentation import describe_augmentation
 from .pipeline.collate import collate_fn
@@ -213,12 +215,20 @@ def _build(
     family = family_of(model.config)
     apply_family_recipe(training_args, family)
     apply_family_data_defaults(data_args, family)
+    size_multiple = family.size_multiple(model.config)
     image_processor = load_image_processor(
         model_args.model_name_or_path,
         image_size=data_args.image_size,
         max_image_size=data_args.max_image_size,
         revision=model_args.revision,
     )
+    requested = dict(image_processor.size)
+    # Under ZeRO-3 the weights are sharded until the Trainer wraps the model: nothing to run.
+    min_side = 1
+    if not is_deepspeed_zero3_enabled():
+        first_side = requested.get("shortest_edge") or requested["height"]
+        min_side = smallest_input_side(model, size_multiple, first_side)
+    image_processor.size = at_least(requested, min_side)
     size = dict(image_processor.size)  # in force: for the pre-flight report and the card
     data_args.image_size = size.get("shortest_edge") or size["height"]
     data_args.max_image_size = size.get("longest_edge") or size["width"]
@@ -235,7 +245,8 @@ def _build(
         min_scale=data_args.min_scale,
         image_cache_mb=data_args.image_cache_mb,
         max_scale=family.recipe.train_scales[1],
-        size_multiple=family.size_multiple(model.config),
+        size_multiple=size_multiple,
+        min_side=min_side,
         augmentation=data_args.augmentation,
     )
     eval_transform = DetrTransform.for_evaluation(image_processor)

@@ -93,6 +93,9 @@ def test_benchmark_families_smoke_run_has_a_row_per_type(tmp_path) -> None:
         assert head_to_head[side]["images_per_s"] > 0
         assert head_to_head[side]["input_size"] == [64, 64]  # the common size, both sides
     assert head_to_head["speedup"] > 0
+    inference = results["families"]["inference_head_to_head"]["rt_detr"]
+    for task in ("evaluate", "predict"):
+        assert inference[task]["ours_images_per_s"] > 0 and inference[task]["speedup"] > 0
 
 
 def test_gpu_section_counts_flops_and_rates(tmp_path, monkeypatch) -> None:

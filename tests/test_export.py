@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from PIL import Image
 from tiny_families import save_tiny_model
 from transformers import AutoModelForObjectDetection, pipeline
 
@@ -25,7 +26,10 @@ from hf_detr_ft.artifacts.onnx_export import (
     ONNX_FILE,
     QUANTIZED_FILES,
     USAGE_FILE,
+    _compare,
+    _recording_topk_ties,
     check_export,
+    class_scores,
     export,
     resolve_check_images,
 )
@@ -40,8 +44,10 @@ from hf_detr_ft.errors import (
     ModelLoadError,
 )
 from hf_detr_ft.evaluation.evaluate import evaluate
+from hf_detr_ft.inference.detect import prepare_batch
 from hf_detr_ft.inference.onnx_runtime import OnnxDetector, load_onnx_detector
 from hf_detr_ft.inference.predict import predict
+from hf_detr_ft.models.families import family_of
 from hf_detr_ft.models.loading import load_detector
 
 
@@ -176,9 +182,56 @@ def test_rt_detr_exports_at_its_fixed_square(tmp_path, shapes_dir, shapes_classe
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 64, 64]
     assert result.check.variants["fp32"].max_box_diff < 1e-4
+    assert result.check.variants["fp32"].images_with_tied_queries == 0  # compared by query
     # a fixed batch of 1 runs a batch one image at a time
     found = predict(result.files["fp32"], shapes_dir / "test", threshold=0.0, batch_size=3)
     assert len(found) == 5
+
+
+def test_queries_are_paired_and_tied_choices_held_to_top_detections(
+    tmp_path, shapes_dir, shapes_classes
+) -> None:
+    # Two-stage models pick their queries with torch.topk: scores within the tolerance of the
+    # last one chosen may be chosen otherwise by ONNX Runtime (its rounding, its tie rule).
+    scores = torch.tensor([[3.0, 1.0, 1.0005, 0.0]])
+    ties: list[int] = []
+    with _recording_topk_ties(ties, 1e-3):
+        torch.topk(scores, 2)  # 1.0005 chosen, 1.0 left out
+        torch.topk(scores, 3)
+        torch.topk(scores, 1, sorted=False)
+    assert ties == [1, 0, 0]
+
+    model_dir = _perturbed("rt_detr", tmp_path / "rt_detr", shapes_classes, scale=0.3)
+    result = export(model_dir, dataset_dir=shapes_dir, num_check_images=1)
+    model, processor = load_detector(model_dir, device="cpu")
+    onnx_model = OnnxDetector(result.files["fp32"], model.config)
+    image = Image.open(next((shapes_dir / "test").glob("*.png"))).convert("RGB")
+    batch = prepare_batch(processor, [image])
+    with torch.inference_mode():
+        reference = model(**batch.inputs)
+        original = reference.pred_boxes.clone(), reference.logits.clone()
+    family = family_of(model.config)
+    settings = (family, 1e-3, 1e-3)
+    path = result.files["fp32"]
+
+    # Queries in another order (as scores closer than rounding swap them) still match.
+    order = torch.randperm(original[0].shape[1])
+    reference.pred_boxes, reference.logits = original[0][:, order], original[1][:, order]
+    shuffled = _compare("fp32", path, onnx_model, [batch], [reference], [0], *settings)
+    assert shuffled.passed and shuffled.max_box_diff < 1e-4 and shuffled.max_score_diff < 1e-4
+
+    # One query moved: a real difference, unless PyTorch's choice of queries was a tie.
+    lowest = class_scores(original[1], family)[0].amax(-1).argmin()
+    boxes = original[0].clone()
+    boxes[0, lowest, :2] = 1.0 - boxes[0, lowest, :2]
+    reference.pred_boxes, reference.logits = boxes, original[1]
+    moved = float((boxes - original[0]).abs().max())
+    assert moved > 0.1
+    strict = _compare("fp32", path, onnx_model, [batch], [reference], [0], *settings)
+    tied = _compare("fp32", path, onnx_model, [batch], [reference], [1], *settings)
+    assert not strict.passed and strict.max_box_diff >= moved - 1e-3
+    assert tied.passed and tied.images_with_tied_queries == 1 and tied.top_detections_agree
+    assert "held to their top detections only" in tied.line()
 
 
 def test_readme_snippet_alone_gives_the_pipelines_detections(tmp_path, shapes_dir) -> None:

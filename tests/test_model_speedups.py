@@ -234,7 +234,9 @@ def test_without_transformers_resnet_layers_the_inplace_relus_are_skipped_once(
     models = [small_detr("transformers").eval() for _ in range(2)]
     reference = copy.deepcopy(models[0])
     monkeypatch.delattr(modeling_resnet, "ResNetBasicLayer")
-    spec = importlib.util.spec_from_file_location("fresh_speedups", speedups.__file__)
+    spec = importlib.util.spec_from_file_location(
+        "hf_detr_ft.models.fresh_speedups", speedups.__file__
+    )
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)  # a fresh import of the module, without the name
     caplog.set_level(logging.INFO)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import write_coco_json
 from PIL import Image
+from tiny_families import tiny_config
 
 from hf_detr_ft.arguments import DataArguments, DetrTrainingArguments
 from hf_detr_ft.data.dataset import load_detection_dataset
@@ -217,6 +218,27 @@ def test_batch_and_learning_rates_against_the_detr_recipe(tiny_model_dir, tmp_pa
     with pytest.raises(PreflightError, match="not_learning_check_after"):
         data_args = DataArguments(dataset_dir=str(root), image_size=64, max_image_size=64)
         run_preflight(splits, config, data_args, args)
+
+
+def test_a_faster_backbone_is_flagged_unless_the_family_trains_it_so(tmp_path) -> None:
+    # LW-DETR's (and RF-DETR's) recipe trains its ViT encoder at 1.5e-4 against 1e-4.
+    root = _write_dataset(
+        tmp_path / "data",
+        {
+            "train": {"one.png": _boxes(1, "a") + _boxes(1, "b") + _boxes(1, "c")},
+            "valid": {"val.png": _boxes(1)},
+        },
+    )
+    splits = load_detection_dataset(root).splits
+    args = _args(tmp_path, learning_rate=1e-4, lr_backbone=1.5e-4)
+    flagged = {}
+    for model_type in ("detr", "lw_detr"):
+        config = tiny_config(model_type, CLASSES)
+        report = preflight_checks(
+            splits, config, image_size=64, max_image_size=64, training_args=args
+        )
+        flagged[model_type] = any("lr_backbone 0.00015 is higher" in w for w in report.warnings)
+    assert flagged == {"detr": True, "lw_detr": False}
 
 
 def test_an_image_that_vanishes_when_resized_is_an_error(tiny_model_dir, tmp_path) -> None:

@@ -279,6 +279,31 @@ def test_examples_train_script_runs(tiny_model_dir, shapes_dir, tmp_path) -> Non
     assert json.loads((out / "config.json").read_text())["id2label"]["1"] == "square"
 
 
+STEPS = {"eval_strategy": "steps", "save_strategy": "steps"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, True),
+        ({"eval_strategy": "no"}, False),
+        ({"save_strategy": "no"}, False),
+        ({"save_strategy": "best"}, True),
+        ({"eval_strategy": "steps", "eval_steps": 5}, False),
+        ({**STEPS, "eval_steps": 5, "save_steps": 10}, True),
+        ({**STEPS, "eval_steps": 4, "save_steps": 10}, False),
+        ({"load_best_model_at_end": False}, False),
+    ],
+)
+def test_best_checkpoint_loading_defaults_to_what_the_strategies_allow(
+    settings, expected, tmp_path
+) -> None:
+    # transformers refuses load_best_model_at_end unless checkpoints are saved where the run
+    # evaluates: the default follows, so that e.g. eval_strategy="no" alone is a valid run.
+    args = DetrTrainingArguments(output_dir=str(tmp_path), **settings)
+    assert args.load_best_model_at_end is expected
+
+
 def test_the_transformers_example_flags_parse() -> None:
     # run_object_detection.py's flags that mean the same here (its README's command)
     model, data, training = parse_train_args(
@@ -369,9 +394,7 @@ def test_freeze_backbone_trains_everything_but_the_backbone(
         learning_rate=1e-3,
         lr_backbone=1e-3,
         per_device_train_batch_size=4,
-        eval_strategy="no",
-        save_strategy="no",
-        load_best_model_at_end=False,
+        eval_strategy="no",  # no load_best_model_at_end needed
         **QUICK,
     )
     before = load_file(tiny_model_dir / "model.safetensors")

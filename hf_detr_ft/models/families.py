@@ -91,6 +91,9 @@ class Family:
     dense_cross_attention: bool
     recipe: Recipe
     checkpoints: tuple[str, ...] = field(default=())
+    #: Config -> a config that builds a working model, with what was changed, or None when it
+    #: does already (transformers' default config of a type may build none: LW-DETR's).
+    repair_config: Callable[[Any], tuple[Any, str] | None] = lambda config: None
     #: Whether the processor shrinks images with antialiasing (torchvision's default); RF-DETR's
     #: rescales to floats first and resizes without it, so our own resize must do the same.
     resize_antialias: bool = True
@@ -198,6 +201,20 @@ _RT_DETR_HEADS = (
     r"model\.decoder\.pre_bbox_head",
     r"model\.enc_(score|bbox)_head",
 )
+
+
+def _lw_detr_projector(config: Any) -> tuple[Any, str] | None:
+    """transformers' ``LwDetrConfig()`` has no projector level (``projector_scale_factors``
+    ``[]``), so the model it builds fails on every image; LW-DETR-tiny, -small and -medium use
+    one level at stride 16 (``[1.0]``; Atten4Vis/LW-DETR ``--projector_scale P4``)."""
+    if config.projector_scale_factors:
+        return None
+    derived = ("projector_in_channels", "projector_out_channels", "num_feature_levels")
+    values = {k: v for k, v in config.to_dict().items() if k not in derived}
+    repaired = type(config).from_dict({**values, "projector_scale_factors": [1.0]})
+    return repaired, "projector_scale_factors [] -> [1.0] (one feature level, as LW-DETR-tiny)"
+
+
 _RT_DETR_COSTS = ("matcher_class_cost", "matcher_bbox_cost", "matcher_giou_cost")
 _DETR_COSTS = ("class_cost", "bbox_cost", "giou_cost")
 #: DETR's backbone: every ResNet stage but the stem and the first learns (``train_backbone``).
@@ -342,6 +359,7 @@ FAMILIES: tuple[Family, ...] = (
         dense_cross_attention=False,
         recipe=_LW_DETR_RECIPE,
         checkpoints=("AnnaZhang/lwdetr_small_60e_coco", "AnnaZhang/lwdetr_tiny_60e_coco"),
+        repair_config=_lw_detr_projector,
     ),
     Family(
         name="RF-DETR",

@@ -60,18 +60,25 @@ def load_model(
         raise ModelLoadError(f"num_queries must be at least 1, got {num_queries}.")
     config = load_config(model_name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     family = family_of(config)
-    overrides = {} if num_queries is None else {family.query_count: num_queries}
+    settings = dict(id2label=id2label, label2id=label2id)
+    if num_queries is not None:
+        settings[family.query_count] = num_queries
+    repaired = family.repair_config(config)
+    if repaired is not None:  # transformers' default config of the type builds no working model
+        config, change = repaired
+        logger.warning("%s: config repaired, %s.", model_name_or_path, change)
+        for name, value in settings.items():
+            setattr(config, name, value)
+        settings = {"config": config}
     try:
         model, info = AutoModelForObjectDetection.from_pretrained(
             str(model_name_or_path),
-            id2label=id2label,
-            label2id=label2id,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             output_loading_info=True,
             revision=revision,
             trust_remote_code=trust_remote_code,
             use_safetensors=None,
-            **overrides,
+            **settings,
         )
     except (OSError, SafetensorError) as err:
         raise ModelLoadError(_cannot_load_message(model_name_or_path, err)) from err
@@ -178,6 +185,30 @@ def load_image_processor(
     processor = _saved_or_default_processor(model_name_or_path, family, revision)
     processor.size = _size_rule(family, config, dict(processor.size), image_size, max_image_size)
     return processor
+
+
+def at_least(size: dict[str, int], min_side: int) -> dict[str, int]:
+    """The processor ``size`` rule ``size`` with no side below ``min_side``, the smallest the
+    model runs on (:func:`~.input_sizes.smallest_input_side`); a warning says when that
+    changes it."""
+    sides = ("height", "width") if "height" in size else ("shortest_edge", "longest_edge")
+    raised = {**size, **{name: max(size[name], min_side) for name in sides}}
+    if raised != size:
+        logger.warning(
+            "Image size %s raised to %s: this model runs on no image smaller than %d x %d px "
+            "(it picks its queries among the positions of its feature maps).",
+            _describe(size),
+            _describe(raised),
+            min_side,
+            min_side,
+        )
+    return raised
+
+
+def _describe(size: dict[str, int]) -> str:
+    if "height" in size:
+        return f"{size['height']}x{size['width']}"
+    return f"shortest edge {size['shortest_edge']} / longest {size['longest_edge']}"
 
 
 def _saved_or_default_processor(

@@ -37,6 +37,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .families import family_of
+from .input_sizes import FIRST_SIDE, smallest_input_side
+
 logger = logging.getLogger(__name__)
 
 #: Where transformers defines the ResNet layers whose ReLUs may run in place.
@@ -140,14 +143,15 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     ]
     if not pairs:
         return 0
-    reference = _outputs_on_random_image(model)
+    side = _side_it_runs_on(model)
+    reference = None if side is None else _outputs_on_random_image(model, side)
     if reference is None:
         return 0
     for conv, norm in pairs:
         conv.__class__ = FrozenNormConv2d
         conv.__dict__["folded_norm"] = norm
         norm.forward = _already_applied
-    if _same_outputs(reference, _outputs_on_random_image(model)):
+    if _same_outputs(reference, _outputs_on_random_image(model, side)):
         return len(pairs)
     for conv, norm in pairs:
         conv.__class__ = nn.Conv2d
@@ -174,13 +178,25 @@ def _is_frozen_norm(module: nn.Module) -> bool:
     )
 
 
+def _side_it_runs_on(model: nn.Module) -> int | None:
+    """The smallest square side the model runs on: 64 px for most, more for two-stage models
+    with many queries (RT-DETR's 300: 128 px); None if it runs on none (see input_sizes)."""
+    try:
+        multiple = family_of(model.config).size_multiple(model.config)
+        return smallest_input_side(model, multiple, requested=FIRST_SIDE)
+    except Exception as err:  # an optional speed-up never stops a run
+        logger.debug("Cannot find an input size this model runs on: %s", err)
+        return None
+
+
 @torch.no_grad()
-def _outputs_on_random_image(model: nn.Module) -> list[torch.Tensor] | None:
-    """The model's floating-point outputs on a fixed random 64x64 image (None if it cannot run
-    on just ``pixel_values``)."""
+def _outputs_on_random_image(model: nn.Module, side: int) -> list[torch.Tensor] | None:
+    """The model's floating-point outputs on a fixed random ``side x side`` image (None if it
+    cannot run on just ``pixel_values``)."""
     parameter = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, 64, 64, generator=generator).to(parameter.device, parameter.dtype)
+    pixels = torch.randn(1, 3, side, side, generator=generator)
+    pixels = pixels.to(parameter.device, parameter.dtype)
     was_training = model.training
     model.eval()
     try:

@@ -87,9 +87,11 @@ def train_sizes(
     min_scale: float = DEFAULT_MIN_SCALE,
     max_scale: float = 1.0,
     multiple: int = 1,
+    min_side: int = 1,
 ) -> list[dict[str, int]]:
     """The sizes multi-scale training draws from, smallest first, as overrides of the
-    processor's ``size`` rule.
+    processor's ``size`` rule; none with a side below ``min_side`` (the smallest the model
+    runs on: :func:`~hf_detr_ft.models.input_sizes.smallest_input_side`).
 
     A shortest-edge rule (DETR) draws the shortest edge in steps of 10 % of it from
     ``min_scale`` to 1 (:func:`train_scales`). A fixed ``height`` x ``width`` rule (RT-DETR and
@@ -109,8 +111,10 @@ def train_sizes(
             )
             for side in (size["height"], size["width"])
         ]
-        return [{"height": h, "width": w} for h, w in zip(*sides)] or [dict(size)]
-    return [{"shortest_edge": edge} for edge in train_scales(size["shortest_edge"], min_scale)]
+        drawn = [{"height": h, "width": w} for h, w in zip(*sides) if min(h, w) >= min_side]
+        return drawn or [dict(size)]
+    edges = [edge for edge in train_scales(size["shortest_edge"], min_scale) if edge >= min_side]
+    return [{"shortest_edge": edge} for edge in edges or [size["shortest_edge"]]]
 
 
 class DetrTransform:
@@ -146,20 +150,24 @@ class DetrTransform:
         *,
         max_scale: float = 1.0,
         size_multiple: int = 1,
+        min_side: int = 1,
         augmentation: str = "default",
     ) -> DetrTransform:
         """The training transform: ``augmentation`` (a preset or a file, see
         :func:`~.augmentation.build_augmentation`), then sizes drawn by :func:`train_sizes`
         (``min_scale`` to ``max_scale`` of the processor's size, each side a multiple of
-        ``size_multiple``); decoded images are kept between epochs up to ``image_cache_mb``
-        (``None``: :func:`~pipeline.image_cache.default_cache_mb`; 0: none).
+        ``size_multiple``, none below ``min_side``); decoded images are kept between epochs up
+        to ``image_cache_mb`` (``None``: :func:`~pipeline.image_cache.default_cache_mb`; 0:
+        none).
 
         Evaluation keeps nothing: its memory stays flat in the number of images."""
         budget = default_cache_mb() if image_cache_mb is None else image_cache_mb
         return cls(
             image_processor,
             augmentation=build_augmentation(augmentation),
-            scales=train_sizes(dict(image_processor.size), min_scale, max_scale, size_multiple),
+            scales=train_sizes(
+                dict(image_processor.size), min_scale, max_scale, size_multiple, min_side
+            ),
             seed=seed,
             image_cache=DecodedImageCache(budget) if budget > 0 else None,
         )
