@@ -701,9 +701,10 @@ def inference_head_to_head(model_type: str, mode: str, work: Path) -> dict[str, 
     (``h2h_rounds`` rounds, after one untimed round): our Trainer's ``evaluate()`` against the
     stock Trainer's (the example's ``compute_metrics``: every output gathered, post-processed
     and scored at the end), both at the common size, batches of 8; ``hf_detr_ft.predict``
-    (batches of 8) against ``pipeline("object-detection")`` called image by image, both at the
-    saved processor's size and loading the model inside the timing. Seconds per side: the
-    median of the rounds."""
+    (its default batch: on a CPU up to a megapixel of input, 2 images at RT-DETR's 640x640)
+    against ``pipeline("object-detection")`` called image by image, both at the saved
+    processor's size and loading the model inside the timing. Seconds per side: the median of
+    the rounds."""
     sizes = SIZES[mode]
     size, tiny = sizes["size"], mode == "smoke"
     data = bccd_images(sizes["h2h_eval_images"])
@@ -728,7 +729,7 @@ def inference_head_to_head(model_type: str, mode: str, work: Path) -> dict[str, 
     tasks = {
         "evaluate": {side: trainer.evaluate for side, trainer in evaluators.items()},
         "predict": {
-            "ours": lambda: predict(model_dir, files, threshold=0.5, batch_size=8, device="cpu"),
+            "ours": lambda: predict(model_dir, files, threshold=0.5, device="cpu"),
             "stock": stock_predict,
         },
     }

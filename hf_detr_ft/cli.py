@@ -285,7 +285,10 @@ def evaluate(argv: list[str]) -> int:
         help="also write predictions_<split>.json: COCO results in the dataset's original ids",
     )
     parser.add_argument(
-        "--batch_size", type=POSITIVE_INT, default=8, help="images per device per step"
+        "--batch_size",
+        type=POSITIVE_INT,
+        help="images per device per step (default: 8 on a GPU; on a CPU up to 1 megapixel of "
+        "model input, at most 8)",
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     parser.add_argument(
@@ -348,7 +351,10 @@ def predict(argv: list[str]) -> int:
     )
     parser.add_argument("--output_dir", default="predictions", help="pictures + predictions.json")
     parser.add_argument(
-        "--batch_size", type=POSITIVE_INT, default=8, help="images per forward pass"
+        "--batch_size",
+        type=POSITIVE_INT,
+        help="images per forward pass (default: 8 on a GPU; on a CPU up to 1 megapixel of "
+        "model input, at most 8)",
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
     parser.add_argument(

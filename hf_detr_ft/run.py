@@ -238,7 +238,14 @@ def _build(
         "validation": _first(data.splits["validation"], data_args.max_eval_samples),
         data.eval_split: _first(data.splits[data.eval_split], data_args.max_eval_samples),
     }
-    run_preflight(splits, model.config, data_args, training_args, size_rule=size)
+    run_preflight(
+        splits,
+        model.config,
+        data_args,
+        training_args,
+        size_rule=size,
+        freeze_backbone=model_args.freeze_backbone,
+    )
     train_transform = DetrTransform.for_training(
         image_processor,
         seed=training_args.seed,

@@ -13,12 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_families import tiny_config, tiny_image_processor
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForObjectDetection,
+    DetrImageProcessor,
+    RTDetrImageProcessor,
+    pipeline,
+)
 
 from hf_detr_ft import finetune
 from hf_detr_ft.errors import ModelLoadError
 from hf_detr_ft.models.families import family_of
-from hf_detr_ft.models.input_sizes import FIRST_SIDE, run_error, smallest_input_side
+from hf_detr_ft.models.input_sizes import (
+    FIRST_SIDE,
+    default_batch_size,
+    largest_input_pixels,
+    run_error,
+    smallest_input_side,
+)
 from hf_detr_ft.models.loading import load_model
 from hf_detr_ft.models.speedups import fold_frozen_batchnorm
 from hf_detr_ft.pipeline.transforms import train_sizes
@@ -121,3 +133,31 @@ def test_lw_detr_without_a_projector_level_is_repaired(tmp_path, caplog) -> None
     assert loaded.config.projector_scale_factors == [1.0]
     assert loaded.config.id2label == dict(enumerate(CLASSES))
     assert run_error(loaded, 64) is None
+
+
+@pytest.mark.parametrize(
+    ("processor", "device", "expected"),
+    [
+        # DETR's default rule, up to 800x1333: one image a forward pass on a CPU.
+        (lambda: DetrImageProcessor(), "cpu", 1),
+        # RT-DETR's fixed 640x640 square: two.
+        (lambda: RTDetrImageProcessor(), "cpu", 2),
+        # A small model input (the demo's 128 px): the full batch.
+        (lambda: DetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 171}), "cpu", 8),
+        # The transformers example's letterbox rule (max_height x max_width).
+        (lambda: DetrImageProcessor(size={"max_height": 600, "max_width": 600}), "cpu", 2),
+        # On an accelerator, always the full batch.
+        (lambda: DetrImageProcessor(), "cuda", 8),
+    ],
+)
+def test_the_default_batch_fits_a_megapixel_on_a_cpu(processor, device, expected) -> None:
+    assert default_batch_size(torch.device(device), processor().size) == expected
+
+
+def test_input_pixels_of_every_size_rule() -> None:
+    assert largest_input_pixels({"height": 640, "width": 480}) == 640 * 480
+    assert largest_input_pixels({"shortest_edge": 800, "longest_edge": 1333}) == 800 * 1333
+    assert largest_input_pixels({"shortest_edge": 600}) == 600 * 1000  # DETR's ratio
+    assert largest_input_pixels({"longest_edge": 600}) == 600 * 600
+    assert largest_input_pixels({}) is None
+    assert default_batch_size(torch.device("cpu"), {}) == 8  # an unknown rule: no guess

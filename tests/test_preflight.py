@@ -240,6 +240,19 @@ def test_a_faster_backbone_is_flagged_unless_the_family_trains_it_so(tmp_path) -
         flagged[model_type] = any("lr_backbone 0.00015 is higher" in w for w in report.warnings)
     assert flagged == {"detr": True, "lw_detr": False}
 
+    # A frozen backbone learns at no rate: neither a warning nor an lr_backbone in the summary.
+    report = preflight_checks(
+        splits,
+        tiny_config("detr", CLASSES),
+        image_size=64,
+        max_image_size=64,
+        training_args=args,
+        freeze_backbone=True,
+    )
+    assert not any("lr_backbone" in w for w in report.warnings)
+    assert "backbone frozen" in report.summary["batch and lr"]
+    assert "lr_backbone" not in report.summary["batch and lr"]
+
 
 def test_an_image_that_vanishes_when_resized_is_an_error(tiny_model_dir, tmp_path) -> None:
     """A 2000x4 strip passes the dataset checks but becomes 0 pixels high at 64: named here."""

@@ -123,7 +123,7 @@ def load_detection_dataset(
         label_map, splits, skipped = build(_in_memory)
     else:
         label_map, splits, skipped = cached_build(entry, build)
-        _check_num_classes(label_map, num_classes, root)
+        check_num_classes(label_map, num_classes, root)
         if not read:  # a hit: say what the build found, as reading the folder would have
             read.append(found_layout)
             for files in split_files:
@@ -154,7 +154,7 @@ def _read_splits(
 ) -> Contents:
     """Check every split and hand its records to ``write`` (in memory, or the cache's files)."""
     label_map = build_label_map(coco_files)
-    _check_num_classes(label_map, num_classes, root)
+    check_num_classes(label_map, num_classes, root)
     features = detection_features(label_map.names)
     splits, skipped = {}, {}
     while coco_files:  # popped: a split's parsed JSON is freed before its records are written
@@ -174,7 +174,9 @@ def _read_splits(
     return label_map, splits, skipped
 
 
-def _check_num_classes(label_map: LabelMap, num_classes: int | None, root: Path) -> None:
+def check_num_classes(label_map: LabelMap, num_classes: int | None, root: Path) -> None:
+    """Fail before training when the caller's ``num_classes`` and the annotations disagree:
+    a head of the wrong size would train without error and never predict some classes."""
     if num_classes is not None and num_classes != len(label_map.names):
         raise DatasetError(
             f"num_classes={num_classes}, but the annotations in {root} define "

@@ -39,7 +39,7 @@ from datasets import Image as ImageFeature
 from transformers import TrainingArguments
 
 from ..errors import ArgumentError, DatasetError
-from .dataset import DetectionDataset, _check_num_classes, detection_features
+from .dataset import DetectionDataset, check_num_classes, detection_features
 from .formats import resolve_format
 from .formats.hf_datasets import (
     check_schema,
@@ -121,7 +121,7 @@ def load_streaming_dataset(
     key = _checked(train, source, name)
     names = _stream_class_names(train, key, source)
     label_map = LabelMap(names, list(range(len(names))))
-    _check_num_classes(label_map, num_classes, Path(source))
+    check_num_classes(label_map, num_classes, Path(source))
     splits, skipped = {}, {}
     for split in ("validation", "test"):
         if split in streams:

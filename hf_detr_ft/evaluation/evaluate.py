@@ -36,7 +36,8 @@ from ..data.dataset import load_detection_dataset
 from ..data.splits import canonical_split
 from ..errors import ArgumentError, DatasetError
 from ..inference.onnx_runtime import OnnxDetector, is_onnx_model, load_onnx_detector
-from ..models.loading import check_model_classes, load_detector
+from ..models.input_sizes import default_batch_size
+from ..models.loading import check_model_classes, load_detector, resolve_device
 from ..pipeline.collate import collate_fn
 from ..pipeline.transforms import DetrTransform
 from ..training.trainer import DetrTrainer
@@ -122,7 +123,7 @@ def evaluate(
     *,
     output_dir: str | Path | None = None,
     save_predictions: bool = False,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str | None = None,
     validation_fraction: float = 0.1,
     seed: int = 42,
@@ -138,12 +139,14 @@ def evaluate(
     defaults of training). With ``output_dir``, the main process writes
     ``evaluation_<split>.json`` and, with ``save_predictions``, ``predictions_<split>.json``.
     ``device="cpu"`` forces the CPU; by default the Trainer picks the accelerator.
+    ``batch_size`` (images a step) defaults as in ``predict``: 8 on a GPU, up to a megapixel
+    of model input on a CPU (:func:`~hf_detr_ft.models.input_sizes.default_batch_size`).
 
     The error analysis counts the confusion matrix at score ``threshold`` (``"auto"``: the
     best-F1 one) and IoU ``iou_threshold`` (one of COCO's 0.5, 0.55, ..., 0.95, also the IoU
     of the PR curves), and draws the ``num_worst`` images with most errors.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ArgumentError(f"batch_size must be at least 1, got {batch_size}.")
     if threshold != "auto" and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
         raise ArgumentError(f"threshold must be 'auto' or between 0 and 1, got {threshold!r}.")
@@ -159,6 +162,10 @@ def evaluate(
     else:
         detector, processor = load_detector(model, device="cpu")  # the Trainer places it
     check_model_classes(detector.config, data.class_names, model, data.root)
+    batch_size = batch_size or default_batch_size(
+        detector.device if isinstance(detector, OnnxDetector) else resolve_device(device),
+        processor.size,
+    )
     dataset = data.splits[split]
     if isinstance(detector, OnnxDetector):
         found, evaluator = onnx_coco_metrics(detector, processor, dataset, batch_size)

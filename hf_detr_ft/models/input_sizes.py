@@ -68,3 +68,40 @@ def run_error(model: nn.Module, side: int) -> BaseException | None:
     finally:
         model.train(was_training)
     return None
+
+
+#: Images a forward pass takes when the caller leaves it to ``predict`` / ``evaluate`` on a GPU
+#: (and the most on a CPU).
+BATCH_SIZE = 8
+#: On a CPU, the model-input pixels a default batch holds at most. Larger batches run slower
+#: per image there once their feature maps outgrow the caches (median ms per image at batch
+#: 1 / 2 / 4 / 8, AVX2 CPU, 2 threads: RT-DETR-R18vd at 640x640 633 / 590 / 708 / 1051;
+#: DETR-R50 at 800x1066 1587 / 2168 / 1812 / 2067), while small inputs gain from batching
+#: (the demo's DETR at 96x128: 12.9 / 7.8 / 4.9 / 4.1); benchmarks/README.md.
+CPU_BATCH_PIXELS = 1_000_000
+
+
+def default_batch_size(device: torch.device, size: dict[str, int | None]) -> int:
+    """Images per forward pass when none is given: :data:`BATCH_SIZE` on an accelerator; on
+    the CPU as many as :data:`CPU_BATCH_PIXELS` of input (the processor's ``size`` rule at
+    its largest), between 1 and :data:`BATCH_SIZE`."""
+    pixels = largest_input_pixels(size)
+    if device.type != "cpu" or pixels is None:
+        return BATCH_SIZE
+    return max(1, min(BATCH_SIZE, CPU_BATCH_PIXELS // pixels))
+
+
+def largest_input_pixels(size: dict[str, int | None]) -> int | None:
+    """The most pixels an image processor's ``size`` rule makes of one image (fixed
+    ``height`` x ``width``, ``max_height`` x ``max_width``, or ``shortest_edge`` x
+    ``longest_edge``; DETR's 1333/800 ratio when only the shortest edge is set); ``None``
+    for a rule this does not know."""
+    for first, second in (("height", "width"), ("max_height", "max_width")):
+        if size.get(first) and size.get(second):
+            return size[first] * size[second]
+    shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
+    if shortest and not longest:
+        longest = math.ceil(shortest * 1333 / 800)
+    if longest:
+        return (shortest or longest) * longest
+    return None

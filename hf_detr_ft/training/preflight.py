@@ -104,12 +104,15 @@ def run_preflight(
     data_args: DataArguments,
     training_args: TrainingArguments,
     size_rule: Mapping[str, int] | None = None,
+    *,
+    freeze_backbone: bool = False,
 ) -> PreflightReport:
     """Check, print and save the report (main process), then raise if a check failed.
 
     ``splits`` are the splits as they will be used (after ``max_*_samples``); ``data_args``
     gives ``image_size``, ``max_image_size`` and ``min_scale``; ``size_rule`` is the image
-    processor's ``size`` (default: shortest edge ``image_size``, longest ``max_image_size``).
+    processor's ``size`` (default: shortest edge ``image_size``, longest ``max_image_size``);
+    ``freeze_backbone``: the whole backbone stays frozen (``--freeze_backbone``).
     """
     report = preflight_checks(
         splits,
@@ -119,6 +122,7 @@ def run_preflight(
         training_args=training_args,
         min_scale=data_args.min_scale or DEFAULT_MIN_SCALE,
         size_rule=size_rule,
+        freeze_backbone=freeze_backbone,
     )
     if training_args.process_index == 0:
         saved = report.save(training_args.output_dir)
@@ -137,12 +141,14 @@ def preflight_checks(
     training_args: TrainingArguments,
     min_scale: float = DEFAULT_MIN_SCALE,
     size_rule: Mapping[str, int] | None = None,
+    freeze_backbone: bool = False,
 ) -> PreflightReport:
     """Run every check on ``splits`` (``train`` first) for a model with ``config``.
 
     ``min_scale`` is the smallest training scale (``--min_scale``), named in the warning about
     tiny objects. Boxes are measured at the size the image processor's ``size_rule`` resizes
-    to (default: shortest edge ``image_size``, longest at most ``max_image_size``).
+    to (default: shortest edge ``image_size``, longest at most ``max_image_size``). With
+    ``freeze_backbone`` the backbone's learning rate is not checked (it learns nothing).
     """
     class_names = [config.id2label[i] for i in range(len(config.id2label))]
     family = family_of(config)
@@ -173,7 +179,7 @@ def preflight_checks(
     _check_image_shapes(report, splits, scans)
     _check_object_sizes(report, scans, image_size, max_image_size, min_scale)
     _check_classes(report, classes)
-    _check_batch_and_learning_rates(report, training_args, family_of(config).recipe)
+    _check_batch_and_learning_rates(report, training_args, family.recipe, freeze_backbone)
     return report
 
 
@@ -392,7 +398,7 @@ def _check_classes(report: PreflightReport, classes: dict[str, SplitStats]) -> N
 
 
 def _check_batch_and_learning_rates(
-    report: PreflightReport, args: TrainingArguments, family_recipe: Recipe
+    report: PreflightReport, args: TrainingArguments, family_recipe: Recipe, frozen: bool
 ) -> None:
     batch = effective_batch_size(args)
     lr, lr_backbone = args.learning_rate, getattr(args, "lr_backbone", args.learning_rate)
@@ -406,10 +412,11 @@ def _check_batch_and_learning_rates(
         "lr_backbone": lr_backbone,
         "recipe_learning_rate_linearly_scaled": scaled,
     }
+    backbone = "backbone frozen" if frozen else f"lr_backbone {lr_backbone:g}"
     report.summary["batch and lr"] = (
         f"effective batch {batch} ({args.per_device_train_batch_size} per device x "
         f"{plural(args.world_size, 'process')} x {args.gradient_accumulation_steps} accumulation); "
-        f"learning_rate {lr:g}, lr_backbone {lr_backbone:g} (DETR: {DETR_LEARNING_RATE:g} / "
+        f"learning_rate {lr:g}, {backbone} (DETR: {DETR_LEARNING_RATE:g} / "
         f"{DETR_LR_BACKBONE:g} at batch {DETR_BATCH_SIZE})"
     )
     recipe = (
@@ -435,7 +442,7 @@ def _check_batch_and_learning_rates(
         )
     # A faster backbone is a mistake for most families, but the recipe of some (LW-DETR's and
     # RF-DETR's ViT encoders: 1.5e-4 against 1e-4) trains it so.
-    if lr_backbone > lr and family_recipe.lr_backbone <= family_recipe.learning_rate:
+    if not frozen and lr_backbone > lr and family_recipe.lr_backbone <= family_recipe.learning_rate:
         report.warnings.append(
             f"lr_backbone {lr_backbone:g} is higher than learning_rate {lr:g}: the pretrained "
             f"backbone should learn about 10x slower than the transformer (this family's "
