@@ -30,6 +30,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from ..inference.detect import prepare_batch
 from ..inference.onnx_runtime import OnnxOutput
 from ..models.families import Family, family_of, resizes_with_antialias
+from ..models.input_sizes import detr_longest_edge
 
 ONNX_FILE = "model.onnx"
 USAGE_FILE = "README.md"
@@ -408,7 +409,7 @@ def trtexec_command(spec: SnippetSpec, dynamic_batch: bool) -> str:
         low = opt = high = spec.fixed_size
     else:
         short = spec.shortest_edge or 800
-        long = spec.longest_edge or round(short * 1333 / 800)
+        long = spec.longest_edge or detr_longest_edge(short)
         low, opt, high = (
             (short // 4, short // 4),
             (short, min(long, round(short * 4 / 3))),

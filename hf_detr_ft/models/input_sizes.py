@@ -70,6 +70,12 @@ def run_error(model: nn.Module, side: int) -> BaseException | None:
     return None
 
 
+def detr_longest_edge(shortest_edge: int) -> int:
+    """The longest edge DETR's size rule pairs with ``shortest_edge`` when none is given:
+    800 -> 1333, the ratio of its published training size."""
+    return math.ceil(shortest_edge * 1333 / 800)
+
+
 #: Images a forward pass takes when the caller leaves it to ``predict`` / ``evaluate`` on a GPU
 #: (and the most on a CPU).
 BATCH_SIZE = 8
@@ -94,14 +100,14 @@ def default_batch_size(device: torch.device, size: dict[str, int | None]) -> int
 def largest_input_pixels(size: dict[str, int | None]) -> int | None:
     """The most pixels an image processor's ``size`` rule makes of one image (fixed
     ``height`` x ``width``, ``max_height`` x ``max_width``, or ``shortest_edge`` x
-    ``longest_edge``; DETR's 1333/800 ratio when only the shortest edge is set); ``None``
+    ``longest_edge``; :func:`detr_longest_edge` when only the shortest edge is set); ``None``
     for a rule this does not know."""
     for first, second in (("height", "width"), ("max_height", "max_width")):
         if size.get(first) and size.get(second):
             return size[first] * size[second]
     shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
     if shortest and not longest:
-        longest = math.ceil(shortest * 1333 / 800)
+        longest = detr_longest_edge(shortest)
     if longest:
         return (shortest or longest) * longest
     return None

@@ -11,7 +11,6 @@ What differs per model type (query count, frozen backbone parts, input sizes) co
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..errors import ArgumentError, DatasetError, ModelLoadError
 from .families import Family, family_of
+from .input_sizes import detr_longest_edge
 from .speedups import apply_speedups
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _size_rule(
         multiple = family.size_multiple(config) if config is not None else 1
         side = max(multiple, round(side / multiple) * multiple)
         return {"height": side, "width": side}
-    longest = max_image_size or saved.get("longest_edge") or math.ceil(side * 1333 / 800)
+    longest = max_image_size or saved.get("longest_edge") or detr_longest_edge(side)
     return {"shortest_edge": side, "longest_edge": longest}
 
 
