@@ -62,6 +62,12 @@ def test_the_smallest_side_is_where_the_model_starts_to_run() -> None:
     assert run_error(model, side) is None
     assert "out of range" in str(run_error(model, side - multiple))
     assert model.training  # probing leaves the mode as it was
+    # Asked again (finetune asks, then the fold check), the side is known without a run.
+    runs = []
+    hook = model.register_forward_pre_hook(lambda module, inputs: runs.append(1))
+    assert smallest_input_side(model, multiple, requested=640) == side
+    assert runs == []
+    hook.remove()
     # A model without the limit runs on the first size tried.
     assert smallest_input_side(_model("detr"), 1, requested=64) == FIRST_SIDE
 

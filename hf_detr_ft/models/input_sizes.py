@@ -11,8 +11,11 @@ in steps of its size multiple. Models without such a limit (DETR) pass the first
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -26,6 +29,10 @@ FIRST_SIDE = 64
 #: Sides are tried up to this, or the requested one if larger, before a model counts as unable
 #: to run at all (RF-DETR-B's 300 queries need 280 px, whatever size was asked for).
 LARGEST_SIDE = 1024
+#: The side found for each model and size multiple. It depends on the model's structure, not
+#: its weights, and ``finetune`` asks twice: to size its inputs, then to check the fold of the
+#: frozen norms (:mod:`.speedups`).
+_found: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def smallest_input_side(model: nn.Module, multiple: int, requested: int) -> int:
@@ -35,12 +42,15 @@ def smallest_input_side(model: nn.Module, multiple: int, requested: int) -> int:
     Raises :class:`~hf_detr_ft.errors.ModelLoadError` with the model's own error when it runs
     at none of them (a config that builds no working model).
     """
+    if model in _found and _found[model][0] == multiple:
+        return _found[model][1]
     side = multiple * math.ceil(FIRST_SIDE / multiple)
     limit = max(side, LARGEST_SIDE, requested)
     first_error: BaseException | None = None
     while side <= limit:
         error = run_error(model, side)
         if error is None:
+            _found[model] = (multiple, side)
             return side
         first_error = first_error or error
         side += multiple
@@ -59,15 +69,24 @@ def run_error(model: nn.Module, side: int) -> BaseException | None:
     Runs in eval mode (no denoising or query groups, which training adds on top)."""
     parameter = next(model.parameters())
     pixels = torch.zeros(1, 3, side, side, device=parameter.device, dtype=parameter.dtype)
+    try:
+        with eval_mode(model):
+            model(pixel_values=pixels)
+    except (RuntimeError, ValueError, IndexError) as err:
+        return err
+    return None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode while inside, then in the mode it was in (a probe run in the
+    middle of training must not leave dropout off)."""
     was_training = model.training
     model.eval()
     try:
-        model(pixel_values=pixels)
-    except (RuntimeError, ValueError, IndexError) as err:
-        return err
+        yield
     finally:
         model.train(was_training)
-    return None
 
 
 def detr_longest_edge(shortest_edge: int) -> int:

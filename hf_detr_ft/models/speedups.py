@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .input_sizes import FIRST_SIDE, smallest_input_side
+from .input_sizes import FIRST_SIDE, eval_mode, smallest_input_side
 
 logger = logging.getLogger(__name__)
 
@@ -197,16 +197,12 @@ def _outputs_on_random_image(model: nn.Module, side: int) -> list[torch.Tensor] 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, 3, side, side, generator=generator)
     pixels = pixels.to(parameter.device, parameter.dtype)
-    was_training = model.training
-    model.eval()
     try:
-        with _exact_fp32(parameter.device):
+        with eval_mode(model), _exact_fp32(parameter.device):
             outputs = model(pixel_values=pixels)
     except Exception as err:  # an optional speed-up never stops a run (e.g. ZeRO-3 shards)
         logger.debug("Cannot check folded norms on this model: %s", err)
         return None
-    finally:
-        model.train(was_training)
     values = outputs.values() if isinstance(outputs, dict) else outputs
     return [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
